@@ -1,0 +1,88 @@
+"""Commands: keys, sig."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from .. import keys as keys_mod
+from .. import sign
+from ..fsutil import atomic_write
+from ._common import existing_file
+
+
+@click.group("keys")
+def keys_group() -> None:
+    """Create and describe the boot-signing key and the SSH CA key."""
+
+
+@keys_group.command("init")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--force", is_flag=True, help="Replace existing keys (old signatures stop verifying).")
+def keys_init(directory: Path, force: bool) -> None:
+    """Create boot-signing.pem (RSA-2048) and ssh-ca (ed25519) in DIRECTORY, mode 0600."""
+    paths = keys_mod.init_keys(directory, force=force)
+    click.echo(f"boot-signing key: {paths.boot_key} (public: {paths.boot_pub})")
+    click.echo(f"SSH CA key:       {paths.ssh_ca} (public: {paths.ssh_ca_pub})")
+
+
+@keys_group.command("show")
+@click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def keys_show(directory: Path, as_json: bool) -> None:
+    """Print the fingerprints of the keys in DIRECTORY and the pubkey.bin digest."""
+    summary = keys_mod.describe_keys(directory)
+    if as_json:
+        click.echo(json.dumps(summary.__dict__, indent=2, sort_keys=True))
+        return
+    click.echo(f"boot-signing key  sha256(SubjectPublicKeyInfo) {summary.boot_key_sha256}")
+    click.echo(f"pubkey.bin        sha256 {summary.pubkey_bin_sha256}  (the OTP key hash)")
+    click.echo(f"SSH CA            {summary.ssh_ca_fingerprint}")
+
+
+@click.group("sig")
+def sig_group() -> None:
+    """Create and verify Raspberry Pi `.sig` files (sha256, ts, rsa2048)."""
+
+
+@sig_group.command("create")
+@click.argument("file", type=existing_file())
+@click.option("--key", "key_path", type=click.Path(path_type=Path),
+              help="RSA-2048 private PEM: adds the rsa2048 line.")
+@click.option("--target-soc", help="Add a `target-soc:` line (e.g. 2712).")
+@click.option("--timestamp", type=int, help="ts value (default: SOURCE_DATE_EPOCH, else now).")
+@click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Output file (default: FILE.sig, '-' for stdout).")
+def sig_create(file: str, key_path: Path | None, target_soc: str | None,
+               timestamp: int | None, out: Path | None) -> None:
+    """Write the .sig file of FILE."""
+    data = Path(file).read_bytes()
+    key = keys_mod.load_boot_key(key_path) if key_path else None
+    ts = timestamp if timestamp is not None else sign.source_date_epoch()
+    text = sign.build_sig(data, ts, target_soc=target_soc, key=key)
+    if out is not None and str(out) == "-":
+        click.echo(text.decode(), nl=False)
+        return
+    target = out or Path(f"{file}.sig")
+    atomic_write(target, text)
+    click.echo(f"wrote {target}")
+
+
+@sig_group.command("verify")
+@click.argument("file", type=existing_file())
+@click.argument("sigfile", type=existing_file())
+@click.option("--key", "key_path", type=click.Path(path_type=Path),
+              help="RSA public (or private) PEM to check the rsa2048 line with.")
+def sig_verify(file: str, sigfile: str, key_path: Path | None) -> None:
+    """Check FILE against SIGFILE; exit 1 with the reason when it does not match."""
+    parsed = sign.parse_sig(Path(sigfile).read_bytes(), sigfile)
+    key = keys_mod.load_public_key(key_path) if key_path else None
+    sign.verify_sig(Path(file).read_bytes(), parsed, key, where=sigfile)
+    checked = "sha256 and rsa2048" if key else "sha256 (no --key: rsa2048 not checked)"
+    click.echo(f"OK: {file} matches {sigfile} ({checked}, ts {parsed.ts})")
+
+
+
+COMMANDS = [keys_group, sig_group]

@@ -1,0 +1,1 @@
+"""The Pi 5 EEPROM: image model, bootconf rendering, pubkey.bin."""

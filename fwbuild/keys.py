@@ -1,0 +1,156 @@
+"""The two keys of a site: the RSA-2048 boot-signing key and the SSH CA key (ed25519).
+
+Private keys are written 0600 and never logged.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
+from .eeprom.pubkey import encode_pubkey_bin, pubkey_bin_digest
+from .errors import KeyFileError
+from .fsutil import atomic_write
+
+BOOT_KEY_NAME = "boot-signing.pem"
+BOOT_PUB_NAME = "boot-signing.pub.pem"
+SSH_CA_NAME = "ssh-ca"
+SSH_CA_PUB_NAME = "ssh-ca.pub"
+
+
+@dataclass(frozen=True)
+class KeyPaths:
+    directory: Path
+
+    @property
+    def boot_key(self) -> Path:
+        return self.directory / BOOT_KEY_NAME
+
+    @property
+    def boot_pub(self) -> Path:
+        return self.directory / BOOT_PUB_NAME
+
+    @property
+    def ssh_ca(self) -> Path:
+        return self.directory / SSH_CA_NAME
+
+    @property
+    def ssh_ca_pub(self) -> Path:
+        return self.directory / SSH_CA_PUB_NAME
+
+
+def init_keys(directory: Path, *, force: bool = False) -> KeyPaths:
+    """Create both keys in `directory`; refuse to overwrite unless `force`."""
+    paths = KeyPaths(directory)
+    existing = [p for p in (paths.boot_key, paths.ssh_ca) if p.exists()]
+    if existing and not force:
+        raise KeyFileError(
+            f"{existing[0].name} already exists",
+            str(existing[0]),
+            "keep it, or pass --force to replace it (everything signed with it stops verifying)",
+        )
+    directory.mkdir(parents=True, exist_ok=True)
+    boot = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    atomic_write(
+        paths.boot_key,
+        boot.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                           serialization.NoEncryption()),
+        0o600,
+    )
+    atomic_write(paths.boot_pub, boot.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    ca = ed25519.Ed25519PrivateKey.generate()
+    atomic_write(
+        paths.ssh_ca,
+        ca.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                         serialization.NoEncryption()),
+        0o600,
+    )
+    atomic_write(paths.ssh_ca_pub, ca.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + b" fwbuild-ssh-ca\n")
+    return paths
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise KeyFileError(f"{what} not found", str(path), "create keys with `fwbuild keys init DIR`") from None
+    except OSError as exc:
+        raise KeyFileError(f"cannot read {what}: {exc.strerror}", str(path)) from None
+
+
+def load_boot_key(path: Path) -> rsa.RSAPrivateKey:
+    data = _read(path, "boot-signing key")
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError):
+        raise KeyFileError("not an unencrypted PEM private key", str(path)) from None
+    if not isinstance(key, rsa.RSAPrivateKey) or key.key_size != 2048:
+        raise KeyFileError("the boot-signing key must be RSA-2048", str(path),
+                           "the Pi 5 bootloader verifies RSA-2048 only")
+    return key
+
+
+def load_public_key(path: Path) -> rsa.RSAPublicKey:
+    """An RSA public key from a public PEM, or the public half of a private PEM."""
+    data = _read(path, "public key")
+    try:
+        if b"PRIVATE KEY" in data:
+            private = serialization.load_pem_private_key(data, password=None)
+            key: object = private.public_key()
+        else:
+            key = serialization.load_pem_public_key(data)
+    except (ValueError, TypeError):
+        raise KeyFileError("not a PEM RSA key", str(path)) from None
+    if not isinstance(key, rsa.RSAPublicKey):
+        raise KeyFileError("not an RSA key", str(path), "the Pi 5 bootloader verifies RSA-2048 only")
+    return key
+
+
+def load_ssh_ca(path: Path) -> ed25519.Ed25519PrivateKey:
+    data = _read(path, "SSH CA key")
+    try:
+        key = serialization.load_ssh_private_key(data, password=None)
+    except (ValueError, TypeError):
+        raise KeyFileError("not an unencrypted OpenSSH private key", str(path)) from None
+    if not isinstance(key, ed25519.Ed25519PrivateKey):
+        raise KeyFileError("the SSH CA key must be ed25519", str(path))
+    return key
+
+
+def check_private_mode(path: Path) -> None:
+    mode = os.stat(path).st_mode & 0o777
+    if mode & 0o077:
+        raise KeyFileError(f"private key is readable by others (mode {mode:04o})", str(path),
+                           f"chmod 600 {path}")
+
+
+@dataclass(frozen=True)
+class KeySummary:
+    boot_key_sha256: str
+    pubkey_bin_sha256: str
+    ssh_ca_fingerprint: str
+
+
+def describe_keys(directory: Path) -> KeySummary:
+    paths = KeyPaths(directory)
+    boot = load_boot_key(paths.boot_key)
+    der = boot.public_key().public_bytes(serialization.Encoding.DER,
+                                         serialization.PublicFormat.SubjectPublicKeyInfo)
+    ca = load_ssh_ca(paths.ssh_ca)
+    blob = ca.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                        serialization.PublicFormat.OpenSSH).split()[1]
+
+    fp = base64.b64encode(hashlib.sha256(base64.b64decode(blob)).digest()).decode().rstrip("=")
+    return KeySummary(
+        boot_key_sha256=hashlib.sha256(der).hexdigest(),
+        pubkey_bin_sha256=pubkey_bin_digest(encode_pubkey_bin(boot.public_key())),
+        ssh_ca_fingerprint=f"SHA256:{fp}",
+    )
