@@ -6,9 +6,9 @@ task named `label`. The CLI renders it as click progress bars; tests pass None.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
-Progress = Callable[[str, int, Optional[int]], None]
+Progress = Callable[[str, int, "int | None"], None]
 
 
 def report(progress: Progress | None, label: str, done: int, total: int | None) -> None:

@@ -1,0 +1,203 @@
+"""Pinned inputs: a content-addressed cache, URL fetches checked against sha256, offline import.
+
+Cache layout (`FWBUILD_CACHE`, default `~/.cache/fwbuild`):
+  sha256/<2 hex>/<64 hex>   immutable blobs, named by their digest
+  tmp/                      downloads in progress (never looked up)
+A blob enters the cache only after its digest matched: a wrong or partial download
+never does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+
+from .errors import SourceError
+from .fsutil import sha256_file
+from .progress import Progress, report
+from .recipe import Recipe, Source, resolve_path
+
+_CHUNK = 1 << 16
+FETCH_TIMEOUT = (10, 60)  # connect, read (seconds)
+
+
+@dataclass(frozen=True)
+class Cache:
+    root: Path
+
+    @classmethod
+    def default(cls) -> Cache:
+        env = os.environ.get("FWBUILD_CACHE")
+        root = Path(env) if env else Path.home() / ".cache" / "fwbuild"
+        return cls(root)
+
+    def blob_path(self, sha256: str) -> Path:
+        return self.root / "sha256" / sha256[:2] / sha256
+
+    def lookup(self, sha256: str) -> Path | None:
+        path = self.blob_path(sha256)
+        return path if path.is_file() else None
+
+    def _tmpdir(self) -> Path:
+        path = self.root / "tmp"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def _commit(self, tmp: Path, sha256: str) -> Path:
+        target = self.blob_path(sha256)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)
+        return target
+
+    def store_bytes(self, data: bytes) -> tuple[str, Path]:
+        digest = hashlib.sha256(data).hexdigest()
+        existing = self.lookup(digest)
+        if existing:
+            return digest, existing
+        fd, name = tempfile.mkstemp(dir=self._tmpdir())
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        return digest, self._commit(Path(name), digest)
+
+    def store_file(self, path: Path, expected_sha256: str | None = None) -> tuple[str, Path]:
+        """Copy a local file into the cache (checked against `expected_sha256` when given)."""
+        fd, name = tempfile.mkstemp(dir=self._tmpdir())
+        tmp = Path(name)
+        try:
+            digest = hashlib.sha256()
+            with open(path, "rb") as src, os.fdopen(fd, "wb") as dst:
+                while block := src.read(1 << 20):
+                    digest.update(block)
+                    dst.write(block)
+            actual = digest.hexdigest()
+            if expected_sha256 is not None and actual != expected_sha256:
+                raise SourceError(f"sha256 mismatch: expected {expected_sha256}, got {actual}", str(path),
+                                  "the file is not the pinned one; check the recipe pin or the file")
+            return actual, self._commit(tmp, actual)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+def fetch_url(cache: Cache, url: str, sha256: str, *, size: int = 0, progress: Progress | None = None,
+              label: str | None = None, session: requests.Session | None = None) -> Path:
+    """The cached blob for `sha256`, downloading `url` into the cache when missing."""
+    hit = cache.lookup(sha256)
+    if hit:
+        return hit
+    label = label or url.rsplit("/", 1)[-1]
+    fd, name = tempfile.mkstemp(dir=cache._tmpdir(), suffix=".part")
+    tmp = Path(name)
+    try:
+        getter = session or requests
+        try:
+            response = getter.get(url, stream=True, timeout=FETCH_TIMEOUT)
+        except requests.RequestException as exc:
+            raise SourceError(f"cannot fetch: {type(exc).__name__}", url,
+                              "check the network, or seed the cache offline with `fwbuild fetch RECIPE --import DIR`") from None
+        with response, os.fdopen(fd, "wb") as handle:
+            if response.status_code != 200:
+                raise SourceError(f"server answered HTTP {response.status_code}", url)
+            total = int(response.headers.get("Content-Length") or size or 0) or None
+            digest = hashlib.sha256()
+            done = 0
+            try:
+                for block in response.iter_content(_CHUNK):
+                    digest.update(block)
+                    handle.write(block)
+                    done += len(block)
+                    report(progress, label, done, total)
+            except requests.RequestException as exc:
+                raise SourceError(f"download interrupted after {done} bytes ({type(exc).__name__})", url,
+                                  "try again; nothing was cached") from None
+        if total is not None and done != total:
+            raise SourceError(f"download truncated: got {done} of {total} bytes", url, "try again; nothing was cached")
+        actual = digest.hexdigest()
+        if actual != sha256:
+            raise SourceError(f"sha256 mismatch: expected {sha256}, got {actual}", url,
+                              "the server sent other bytes than the pinned ones; nothing was cached")
+        return cache._commit(tmp, sha256)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def source_path(cache: Cache, recipe: Recipe, name: str, *, offline: bool = False,
+                progress: Progress | None = None) -> Path:
+    """The verified local file for the recipe's source `name`."""
+    source = recipe.sources[name]
+    if source.path:
+        local = resolve_path(recipe, source.path)
+        if not local.is_file():
+            raise SourceError("local source file not found", f"sources.{name}.path = {local}")
+        return cache.store_file(local, source.sha256)[1]
+    hit = cache.lookup(source.sha256)
+    if hit:
+        return hit
+    if offline:
+        raise SourceError(f"source `{name}` is not in the cache", source.url, _import_hint(recipe))
+    return fetch_url(cache, source.url, source.sha256, size=source.size, progress=progress, label=name)
+
+
+def _import_hint(recipe: Recipe) -> str:
+    return (f"copy the files to a directory on this machine and run "
+            f"`fwbuild fetch recipes/{recipe.name}.toml --import DIR`")
+
+
+def missing_sources(cache: Cache, recipe: Recipe) -> list[tuple[str, Source]]:
+    return [(name, s) for name, s in sorted(recipe.sources.items())
+            if not s.path and cache.lookup(s.sha256) is None]
+
+
+def check_offline(cache: Cache, recipe: Recipe) -> None:
+    """Raise one error naming every pinned file missing from the cache."""
+    missing = missing_sources(cache, recipe)
+    if missing:
+        names = "; ".join(f"{name} ({s.url.rsplit('/', 1)[-1]}, sha256 {s.sha256[:12]}…)" for name, s in missing)
+        raise SourceError(f"offline and {len(missing)} pinned file(s) missing from the cache: {names}",
+                          str(cache.root), _import_hint(recipe))
+
+
+def fetch_all(cache: Cache, recipe: Recipe, *, offline: bool = False,
+              progress: Progress | None = None) -> Mapping[str, Path]:
+    if offline:
+        check_offline(cache, recipe)
+    return {name: source_path(cache, recipe, name, offline=offline, progress=progress)
+            for name in sorted(recipe.sources)}
+
+
+@dataclass(frozen=True)
+class ImportReport:
+    imported: tuple[str, ...]   # source names (or file names when no recipe) now in the cache
+    ignored: tuple[str, ...]    # files whose digest matches no pin
+    missing: tuple[str, ...]    # pins still missing
+
+
+def import_directory(cache: Cache, directory: Path, recipe: Recipe | None = None,
+                     progress: Progress | None = None) -> ImportReport:
+    """Seed the cache from local files matched by hash (against the recipe's pins when given)."""
+    if not directory.is_dir():
+        raise SourceError("import directory not found", str(directory))
+    wanted = {s.sha256: name for name, s in (recipe.sources.items() if recipe else [])}
+    imported: list[str] = []
+    ignored: list[str] = []
+    files = sorted(p for p in directory.rglob("*") if p.is_file())
+    for index, path in enumerate(files, start=1):
+        digest = sha256_file(path)
+        if recipe is None:
+            cache.store_file(path, digest)
+            imported.append(path.name)
+        elif digest in wanted:
+            cache.store_file(path, digest)
+            imported.append(wanted[digest])
+        else:
+            ignored.append(str(path.relative_to(directory)))
+        report(progress, "import", index, len(files))
+    missing = tuple(name for name, _ in missing_sources(cache, recipe)) if recipe else ()
+    return ImportReport(tuple(sorted(set(imported))), tuple(ignored), missing)
+
