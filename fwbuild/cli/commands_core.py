@@ -9,8 +9,12 @@ import click
 
 from .. import keys as keys_mod
 from .. import sign
+from ..build import build as run_build
 from ..fsutil import atomic_write
-from ._common import existing_file
+from ..recipe import load_recipe
+from ..sources import Cache, check_offline, fetch_all, import_directory
+from ..verify import verify_output
+from ._common import BarProgress, existing_file
 
 
 @click.group("keys")
@@ -85,4 +89,78 @@ def sig_verify(file: str, sigfile: str, key_path: Path | None) -> None:
 
 
 
-COMMANDS = [keys_group, sig_group]
+_set_option = click.option(
+    "--set", "overrides", multiple=True, metavar="KEY=VALUE",
+    help="Override a recipe value, e.g. --set site.http_host=boot.example.org (repeatable; later wins).")
+
+
+@click.command("build")
+@click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
+@_set_option
+@click.option("--out", "out_root", type=click.Path(file_okay=False, path_type=Path), default=Path("out"),
+              show_default=True, help="Output root: the build is published as OUT/<recipe name>.")
+@click.option("--keys", "keys_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Key directory (default: the recipe's keys.dir, relative to the current directory).")
+@click.option("--offline", is_flag=True, help="Use only the cache; fail naming every missing file.")
+def build_cmd(recipe: Path, overrides: tuple[str, ...], out_root: Path, keys_dir: Path | None,
+              offline: bool) -> None:
+    """Build RECIPE into a signed, reproducible artifact set under OUT/<name>/."""
+    parsed = load_recipe(recipe, overrides)
+    bar = BarProgress()
+    try:
+        result = run_build(parsed, out_root=out_root, keys_dir=keys_dir or Path(parsed.keys.dir),
+                           offline=offline, progress=bar)
+    finally:
+        bar.close()
+    for rel, entry in sorted(result.manifest["artifacts"].items()):
+        click.echo(f"{entry['size']:>10}  {entry['sha256'][:16]}  {result.out_dir / rel}")
+    cached = f" (from cache: {', '.join(result.cached_steps)})" if result.cached_steps else ""
+    click.echo(f"built {parsed.name}: {result.out_dir}/manifest.json{cached}")
+
+
+@click.command("fetch")
+@click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path), required=False)
+@_set_option
+@click.option("--import", "import_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Seed the cache from the files in this directory (matched by sha256).")
+@click.option("--offline", is_flag=True, help="Check the cache only; fail naming every missing file.")
+def fetch_cmd(recipe: Path | None, overrides: tuple[str, ...], import_dir: Path | None, offline: bool) -> None:
+    """Download (or import) RECIPE's pinned sources into the cache."""
+    cache = Cache.default()
+    parsed = load_recipe(recipe, overrides) if recipe else None
+    if import_dir is not None:
+        result = import_directory(cache, import_dir, parsed)
+        click.echo(f"imported: {', '.join(result.imported) or 'nothing'}")
+        if result.ignored:
+            click.echo(f"ignored (no matching pin): {', '.join(result.ignored)}")
+        if result.missing:
+            click.echo(f"still missing: {', '.join(result.missing)}")
+        return
+    if parsed is None:
+        raise click.UsageError("give a RECIPE to fetch, or --import DIR")
+    if offline:
+        check_offline(cache, parsed)
+    bar = BarProgress()
+    try:
+        paths = fetch_all(cache, parsed, offline=offline, progress=bar)
+    finally:
+        bar.close()
+    for name, path in paths.items():
+        click.echo(f"{name}: {path}")
+    click.echo(f"{len(paths)} source(s) of {parsed.name} in {cache.root}")
+
+
+@click.command("verify")
+@click.argument("out_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--key", "key_path", type=click.Path(path_type=Path),
+              help="Expected boot-signing public key (PEM): every signature must be by it.")
+def verify_cmd(out_dir: Path, key_path: Path | None) -> None:
+    """Re-check an artifact set (OUT_DIR) against its manifest.json and its signatures."""
+    key = keys_mod.load_public_key(key_path) if key_path else None
+    report = verify_output(out_dir, key)
+    for line in report.checked:
+        click.echo(f"ok  {line}")
+    click.echo(f"verified {out_dir}")
+
+
+COMMANDS = [build_cmd, verify_cmd, fetch_cmd, keys_group, sig_group]

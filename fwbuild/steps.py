@@ -1,0 +1,148 @@
+"""The build steps of `fwbuild build`, in pipeline order.
+
+Each step turns recipe values and earlier artifacts into artifacts under
+`out/<recipe>/`; the formats themselves live in the eeprom/, initramfs/, bootimg/
+and recovery/ packages.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import asdict
+
+from .build import BuildContext, Step
+from .errors import BuildError, KeyFileError
+from .fsutil import sha256_file
+from .keys import load_boot_key
+from .recipe import resolve_path
+from .sources import check_offline, source_path
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _section_digest(section: object) -> str:
+    return _digest(json.dumps(asdict(section), sort_keys=True, default=str).encode())  # type: ignore[call-overload]
+
+
+def _key_digest(ctx: BuildContext) -> str:
+    path = ctx.keys.boot_key
+    if not path.is_file():
+        raise KeyFileError("boot-signing key not found", str(path),
+                           f"create the site keys with `fwbuild keys init {ctx.keys.directory}` "
+                           "or point the build at them with --keys DIR")
+    return sha256_file(path)
+
+
+# --- check_inputs / fetch_sources ------------------------------------------------------
+
+def check_inputs(ctx: BuildContext) -> None:
+    """Fail before any download: keys present, local files present, offline cache complete."""
+    _key_digest(ctx)
+    load_boot_key(ctx.keys.boot_key)
+    recipe = ctx.recipe
+    for repo in recipe.apt_repositories:
+        keyring = resolve_path(recipe, repo.keyring)
+        if not keyring.is_file():
+            raise BuildError("apt repository keyring not found", f"apt.repositories ({repo.uri}): {keyring}")
+    for variant, template in recipe.eeprom.templates.items():
+        if not resolve_path(recipe, template).is_file():
+            raise BuildError("bootconf template not found", f"eeprom.templates.{variant}: {template}")
+    if recipe.initramfs.init.endswith(".j2") and not resolve_path(recipe, recipe.initramfs.init).is_file():
+        raise BuildError("init template not found", f"initramfs.init: {recipe.initramfs.init}")
+    for dest, src in recipe.initramfs.files.items():
+        if not resolve_path(recipe, src).exists():
+            raise BuildError("initramfs extra file not found", f"initramfs.files.{dest}: {src}")
+    if ctx.offline:
+        check_offline(ctx.cache, recipe)
+
+
+def fetch_sources(ctx: BuildContext) -> None:
+    for name in sorted(ctx.recipe.sources):
+        ctx.sources[name] = source_path(ctx.cache, ctx.recipe, name, offline=ctx.offline,
+                                        progress=ctx.progress)
+
+
+def _source_bytes(ctx: BuildContext, ref: str) -> bytes:
+    return ctx.sources[ref[len("source:"):]].read_bytes()
+
+
+# --- eeprom ---------------------------------------------------------------------------
+
+def _eeprom_base(ctx: BuildContext) -> bytes:
+    from .eeprom.synthetic import synthetic_image
+
+    base = ctx.recipe.eeprom.base
+    if base.startswith("synthetic:"):
+        return synthetic_image(base[len("synthetic:"):])
+    return _source_bytes(ctx, base)
+
+
+def site_values(ctx: BuildContext) -> dict[str, object]:
+    site = ctx.recipe.site
+    return {"http_host": site.http_host, "http_port": site.http_port, "http_path": site.http_path,
+            "extra": []}
+
+
+def _template_texts(ctx: BuildContext) -> dict[str, str]:
+    return {variant: resolve_path(ctx.recipe, path).read_text()
+            for variant, path in ctx.recipe.eeprom.templates.items()}
+
+
+def eeprom_inputs(ctx: BuildContext) -> Mapping[str, str]:
+    base = ctx.recipe.eeprom.base
+    return {
+        "section": _section_digest(ctx.recipe.eeprom),
+        "site": _section_digest(ctx.recipe.site),
+        "base": base if base.startswith("synthetic:") else ctx.recipe.sources[base[7:]].sha256,
+        "templates": _digest(json.dumps(_template_texts(ctx), sort_keys=True).encode()),
+        "key": _key_digest(ctx),
+        "epoch": str(ctx.epoch),
+    }
+
+
+def build_eeprom(ctx: BuildContext) -> None:
+    from .eeprom.assemble import assemble_eeprom, pieeprom_sig
+    from .eeprom.bootconf import render_bootconf
+
+    base = _eeprom_base(ctx)
+    key = load_boot_key(ctx.keys.boot_key)
+    templates = _template_texts(ctx)
+    for variant in ctx.recipe.eeprom.variants:
+        text = render_bootconf(variant, site_values(ctx), templates.get(variant))
+        image = assemble_eeprom(base, text, boot_key=key, timestamp=ctx.epoch)
+        ctx.add_artifact(f"eeprom/{variant}/pieeprom.bin", image)
+        ctx.add_artifact(f"eeprom/{variant}/pieeprom.sig", pieeprom_sig(image, ctx.epoch))
+
+
+# --- recovery --------------------------------------------------------------------------
+
+def recovery_inputs(ctx: BuildContext) -> Mapping[str, str]:
+    ref = ctx.recipe.recovery.recovery_bin
+    return {
+        "recovery_bin": ref if ref == "fake" else ctx.recipe.sources[ref[7:]].sha256,
+        "pieeprom": _digest(ctx.artifacts[f"eeprom/{ctx.recipe.recovery.variant}/pieeprom.bin"]),
+        "epoch": str(ctx.epoch),
+    }
+
+
+def build_recovery(ctx: BuildContext) -> None:
+    from .recovery.archive import fake_recovery_bin, recovery_archive
+
+    ref = ctx.recipe.recovery.recovery_bin
+    recovery_bin = fake_recovery_bin() if ref == "fake" else _source_bytes(ctx, ref)
+    pieeprom = ctx.artifacts[f"eeprom/{ctx.recipe.recovery.variant}/pieeprom.bin"]
+    ctx.add_artifact("recovery/rpi-5-sd-recovery.tar.gz", recovery_archive(recovery_bin, pieeprom, ctx.epoch))
+
+
+STEPS: list[Step] = [
+    Step("check_inputs", check_inputs),
+    Step("fetch_sources", fetch_sources),
+    Step("eeprom", build_eeprom, eeprom_inputs),
+    Step("recovery", build_recovery, recovery_inputs),
+]
+
+

@@ -1,0 +1,124 @@
+"""`fwbuild verify OUTDIR`: re-check a published artifact set against its manifest and keys."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from .build import MANIFEST
+from .errors import FormatError, SignatureError
+from .sign import parse_sig, verify_sig
+
+
+@dataclass
+class VerifyReport:
+    checked: list[str] = field(default_factory=list)
+
+    def ok(self, line: str) -> None:
+        self.checked.append(line)
+
+
+def _load_manifest(out_dir: Path) -> dict[str, Any]:
+    path = out_dir / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FormatError("no manifest.json: not a build output", str(out_dir),
+                          "give the directory `fwbuild build` published, e.g. out/virtual") from None
+    except ValueError as exc:
+        raise FormatError(f"manifest.json is not valid JSON: {exc}", str(path)) from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("artifacts"), dict):
+        raise FormatError("manifest.json has no `artifacts` table", str(path))
+    return manifest
+
+
+def _same_key(a: rsa.RSAPublicKey, b: rsa.RSAPublicKey) -> bool:
+    return a.public_numbers() == b.public_numbers()
+
+
+def verify_output(out_dir: Path, key: rsa.RSAPublicKey | None = None) -> VerifyReport:
+    """Raise FormatError / SignatureError at the first problem; return what was checked."""
+    from .eeprom.assemble import verify_eeprom
+    from .eeprom.image import parse_image
+    from .eeprom.pubkey import decode_pubkey_bin
+
+    report = VerifyReport()
+    manifest = _load_manifest(out_dir)
+    artifacts: dict[str, Any] = manifest["artifacts"]
+    on_disk = sorted(str(p.relative_to(out_dir)) for p in out_dir.rglob("*") if p.is_file())
+    extra = sorted(set(on_disk) - set(artifacts) - {MANIFEST})
+    if extra:
+        raise FormatError(f"file not listed in the manifest: {extra[0]}", str(out_dir / extra[0]))
+    data: dict[str, bytes] = {}
+    for rel, entry in sorted(artifacts.items()):
+        path = out_dir / rel
+        try:
+            blob = path.read_bytes()
+        except FileNotFoundError:
+            raise FormatError("artifact listed in the manifest is missing", str(path)) from None
+        if len(blob) != entry.get("size") or hashlib.sha256(blob).hexdigest() != entry.get("sha256"):
+            raise SignatureError("artifact does not match its manifest entry (size or sha256)", str(path),
+                                 "rebuild with `fwbuild build`; never edit an artifact set by hand")
+        data[rel] = blob
+    report.ok(f"{len(artifacts)} artifacts match manifest.json")
+
+    signer: rsa.RSAPublicKey | None = key
+    for rel in sorted(r for r in data if r.endswith("/pieeprom.bin")):
+        image = data[rel]
+        sig_rel = rel[: -len(".bin")] + ".sig"
+        if sig_rel in data:
+            sig = parse_sig(data[sig_rel], str(out_dir / sig_rel))
+            verify_sig(image, sig, where=str(out_dir / sig_rel))
+            if sig.target_soc != "2712":
+                raise SignatureError("pieeprom.sig lacks `target-soc: 2712`", str(out_dir / sig_rel))
+        embedded = decode_pubkey_bin(parse_image(image).read_file("pubkey.bin"), f"{rel}: pubkey.bin")
+        if signer is None:
+            signer = embedded
+        elif not _same_key(signer, embedded):
+            raise SignatureError("pubkey.bin differs from the expected boot-signing key", str(out_dir / rel),
+                                 "all variants must carry the site's boot-signing key")
+        verify_eeprom(image, signer)
+        report.ok(f"{rel}: structure, pieeprom.sig, bootconf.sig verify")
+
+    if "bootimg/boot.img" in data:
+        if signer is None:
+            raise SignatureError("no EEPROM pubkey.bin and no --key to check boot.sig with", str(out_dir))
+        sig = parse_sig(data.get("bootimg/boot.sig", b""), str(out_dir / "bootimg/boot.sig"))
+        verify_sig(data["bootimg/boot.img"], sig, signer, require_rsa=True,
+                   where=str(out_dir / "bootimg/boot.sig"))
+        report.ok("bootimg/boot.img: boot.sig (sha256 + rsa2048) verifies with the EEPROM key")
+
+    archive_rel = "recovery/rpi-5-sd-recovery.tar.gz"
+    if archive_rel in data:
+        _verify_recovery(data, archive_rel, out_dir, report)
+    if signer is not None:
+        der = signer.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        report.ok(f"boot-signing key sha256(SubjectPublicKeyInfo) {hashlib.sha256(der).hexdigest()}")
+    return report
+
+
+def _verify_recovery(data: dict[str, bytes], rel: str, out_dir: Path, report: VerifyReport) -> None:
+    where = str(out_dir / rel)
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data[rel]), mode="r:gz") as tar:
+            members = {m.name: tar.extractfile(m) for m in tar.getmembers() if m.isfile()}
+            files = {name: handle.read() for name, handle in members.items() if handle is not None}
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise FormatError(f"recovery archive is unreadable: {exc}", where) from None
+    expected = {"README.txt", "pieeprom.bin", "pieeprom.sig", "recovery.bin"}
+    if set(files) != expected:
+        raise FormatError(f"recovery archive holds {sorted(files)}, expected {sorted(expected)}", where)
+    verify_sig(files["pieeprom.bin"], parse_sig(files["pieeprom.sig"], f"{where}: pieeprom.sig"),
+               where=f"{where}: pieeprom.sig")
+    recovery_images = [r for r in data if r.startswith("eeprom/recovery/") and r.endswith(".bin")]
+    if recovery_images and files["pieeprom.bin"] != data[recovery_images[0]]:
+        raise SignatureError("the archive's pieeprom.bin is not the recovery variant", where)
+    report.ok(f"{rel}: members, pieeprom.sig and the recovery variant match")
