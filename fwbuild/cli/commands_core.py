@@ -102,13 +102,19 @@ _set_option = click.option(
 @click.option("--keys", "keys_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Key directory (default: the recipe's keys.dir, relative to the current directory).")
 @click.option("--offline", is_flag=True, help="Use only the cache; fail naming every missing file.")
+@click.option("--init-keys", is_flag=True,
+              help="Create the key directory first when it holds no keys yet (never replaces keys).")
 def build_cmd(recipe: Path, overrides: tuple[str, ...], out_root: Path, keys_dir: Path | None,
-              offline: bool) -> None:
+              offline: bool, init_keys: bool) -> None:
     """Build RECIPE into a signed, reproducible artifact set under OUT/<name>/."""
     parsed = load_recipe(recipe, overrides)
+    keys_dir = keys_dir or Path(parsed.keys.dir)
+    if init_keys and not keys_mod.KeyPaths(keys_dir).boot_key.exists():
+        paths = keys_mod.init_keys(keys_dir)
+        click.echo(f"created site keys in {paths.directory} (keep them: nodes trust this boot-signing key)")
     bar = BarProgress()
     try:
-        result = run_build(parsed, out_root=out_root, keys_dir=keys_dir or Path(parsed.keys.dir),
+        result = run_build(parsed, out_root=out_root, keys_dir=keys_dir,
                            offline=offline, progress=bar)
     finally:
         bar.close()
