@@ -91,6 +91,7 @@ class Initramfs:
     init: str = "builtin:default"
     compression: str = "zstd"
     files: Mapping[str, str] = field(default_factory=dict)
+    variables: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ and recovery/ packages.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 from collections.abc import Mapping
@@ -138,10 +139,74 @@ def build_recovery(ctx: BuildContext) -> None:
     ctx.add_artifact("recovery/rpi-5-sd-recovery.tar.gz", recovery_archive(recovery_bin, pieeprom, ctx.epoch))
 
 
+# --- initramfs -------------------------------------------------------------------------
+
+def build_initramfs_step(ctx: BuildContext) -> None:
+    """Not step-cached: apt decides the package pins; staged packages are cached by digest."""
+    from .initramfs.builder import build_initramfs, spec_from_recipe
+
+    spec = spec_from_recipe(ctx.recipe, epoch=ctx.epoch, variables=init_variables(ctx))
+    result = build_initramfs(spec, ctx.cache, ctx.progress)
+    ctx.add_artifact("initramfs/initramfs_2712", result.data)
+    ctx.add_artifact("initramfs/initramfs_2712.provenance.json",
+                     (json.dumps(result.provenance_document(), indent=1, sort_keys=True) + "\n").encode())
+    ctx.packages.extend({k: str(v) for k, v in p.as_record().items()} for p in result.packages)
+
+
+def init_variables(ctx: BuildContext) -> dict[str, object]:
+    """Template values of the init: the shipped defaults, then the recipe's `initramfs.variables`."""
+    from .initramfs.init import defaults_for
+
+    return {**defaults_for(ctx.recipe.initramfs.init), **ctx.recipe.initramfs.variables}
+
+
+# --- boot image ------------------------------------------------------------------------
+
+def _kernel_and_dtbs(ctx: BuildContext) -> tuple[bytes, dict[str, bytes]]:
+    from .initramfs.builder import stage_kernel
+
+    recipe = ctx.recipe
+    if recipe.bootimg.kernel != "package":
+        return _source_bytes(ctx, recipe.bootimg.kernel), {}
+    if not recipe.initramfs.kernel_package:
+        raise BuildError("bootimg.kernel = \"package\" but no initramfs.kernel_package",
+                         "bootimg.kernel", "name the kernel package in [initramfs] kernel_package")
+    from dataclasses import replace
+
+    repositories = tuple(replace(r, keyring=str(resolve_path(recipe, r.keyring))) for r in recipe.apt_repositories)
+    kernel = stage_kernel(recipe.initramfs.kernel_package, ctx.cache, repositories=repositories,
+                          progress=ctx.progress)
+    dtbs: dict[str, bytes] = {}
+    for pattern in recipe.bootimg.dtbs:
+        matches = [p for p in kernel.tree.nodes if p.endswith(".dtb")
+                   and fnmatch.fnmatch(p.rsplit("/", 1)[-1], pattern)]
+        if not matches:
+            raise BuildError(f"no device tree in {recipe.initramfs.kernel_package} matches {pattern!r}",
+                             "bootimg.dtbs")
+        for path in matches:
+            dtbs[path.rsplit("/", 1)[-1]] = kernel.tree.host_path(path).read_bytes()
+    return kernel.image.read_bytes(), dtbs
+
+
+def build_bootimg(ctx: BuildContext) -> None:
+    from .bootimg.bootimg import boot_files, build_boot_image, sign_boot_image
+
+    kernel, dtbs = _kernel_and_dtbs(ctx)
+    section = ctx.recipe.bootimg
+    files = boot_files(kernel, ctx.artifacts["initramfs/initramfs_2712"], dtbs, section.cmdline,
+                       section.config, {}, kernel_name=section.kernel_name,
+                       require_dtbs=ctx.recipe.recipe.target != "virtual")
+    image = build_boot_image(files, ctx.epoch)
+    ctx.add_artifact("bootimg/boot.img", image)
+    ctx.add_artifact("bootimg/boot.sig", sign_boot_image(image, load_boot_key(ctx.keys.boot_key), ctx.epoch))
+
+
 STEPS: list[Step] = [
     Step("check_inputs", check_inputs),
     Step("fetch_sources", fetch_sources),
     Step("eeprom", build_eeprom, eeprom_inputs),
+    Step("initramfs", build_initramfs_step),
+    Step("bootimg", build_bootimg),
     Step("recovery", build_recovery, recovery_inputs),
 ]
 

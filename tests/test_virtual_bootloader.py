@@ -14,7 +14,7 @@ from fwbuild.eeprom.assemble import assemble_eeprom, pieeprom_sig
 from fwbuild.eeprom.bootconf import render_bootconf
 from fwbuild.eeprom.synthetic import synthetic_image
 from fwbuild.keys import KeyPaths, init_keys, load_boot_key
-from fwbuild.virtual.bootloader import Bootloader, BootFailure, RecoveryFlash, boot_order
+from fwbuild.virtual.bootloader import BootFailure, Bootloader, RecoveryFlash, boot_order
 
 EPOCH = 1767225600
 FILES = {
@@ -33,7 +33,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def log_message(self, *args: object) -> None:
         pass
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         body = _Served.files.get(self.path)
         if body is None:
             self.send_error(404)
