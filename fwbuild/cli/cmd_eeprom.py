@@ -1,0 +1,168 @@
+"""`fwbuild eeprom ...`: inspect, extract, edit, verify, diff and synthesize pieeprom.bin images."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ..errors import UsageError
+from ..fsutil import atomic_write
+from ._common import existing_file
+
+
+def _read(path: str) -> bytes:
+    return Path(path).read_bytes()
+
+
+def _write_or_print(data: bytes, out: str | None) -> None:
+    if out is None:
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+    else:
+        atomic_write(out, data)
+
+
+@click.group("eeprom")
+def eeprom() -> None:
+    """Read and edit Raspberry Pi 5 EEPROM images (pieeprom.bin)."""
+
+
+@eeprom.command("inspect")
+@click.argument("image", type=existing_file())
+@click.option("--json", "as_json", is_flag=True, help="Print the description as JSON.")
+def inspect_cmd(image: str, as_json: bool) -> None:
+    """Show the layout, section table, config, pubkey, signature status and timestamp."""
+    from ..eeprom.assemble import inspect_image
+
+    info = inspect_image(_read(image))
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    click.echo(_render_info(info))
+
+
+def _render_info(info: dict[str, Any]) -> str:
+    kind = "virtual (synthetic fwbuild image)" if info["virtual"] else "firmware"
+    ts = info["timestamp"]
+    lines = [
+        f"layout:       {info['layout']} ({kind})",
+        f"timestamp:    {ts if ts is not None else 'unset'}",
+        f"pubkey.bin:   {info['pubkey_sha256']}",
+        f"bootconf.sig: {info['bootconf_sig']}",
+        "files:",
+    ]
+    for name, entry in info["files"].items():
+        lines.append(f"  {name:13} {entry['length']:5} B (max {entry['capacity']})")
+    lines.append("sections:")
+    for section in info["sections"]:
+        lines.append(f"  {section['offset']:#09x} {section['magic']} {section['kind']:8} "
+                     f"{section['name']:12} {section['length']}")
+    lines.append("bootconf.txt:")
+    config = info["config"]
+    lines += [f"  {line}" for line in (config or "(absent)").splitlines()]
+    return "\n".join(lines)
+
+
+@eeprom.command("extract")
+@click.argument("image", type=existing_file())
+@click.option("--file", "name", default="bootconf.txt", show_default=True,
+              help="The file to extract (bootconf.txt, bootconf.sig, pubkey.bin, cacert.der, ...).")
+@click.option("--out", type=click.Path(dir_okay=False), help="Write to this file instead of stdout.")
+def extract_cmd(image: str, name: str, out: str | None) -> None:
+    """Print (or write) one file of the image; bootconf.txt by default."""
+    from ..eeprom.image import parse_image
+
+    _write_or_print(parse_image(_read(image)).read_file(name), out)
+
+
+@eeprom.command("edit")
+@click.argument("image", type=existing_file())
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="The edited image.")
+@click.option("--config", type=existing_file(), help="New bootconf.txt (written byte for byte).")
+@click.option("--pubkey", type=existing_file(), help="RSA-2048 public key PEM to store as pubkey.bin.")
+@click.option("--sign-key", type=existing_file(),
+              help="RSA-2048 private key PEM: writes bootconf.sig and pubkey.bin of this key.")
+@click.option("--cacert", type=existing_file(), help="DER CA certificate to store as cacert.der.")
+@click.option("--timestamp", type=int, help="Update timestamp (also the bootconf.sig ts).")
+@click.option("--no-validate", is_flag=True, help="Do not check the config values (raw edit).")
+def edit_cmd(image: str, out: str, config: str | None, pubkey: str | None, sign_key: str | None,
+             cacert: str | None, timestamp: int | None, no_validate: bool) -> None:
+    """Write a new image, like `rpi-eeprom-config IMAGE --config F [--pubkey PEM] --out OUT`."""
+    from ..eeprom.bootconf import validate_bootconf
+    from ..eeprom.image import parse_image, replace_files
+    from ..eeprom.pubkey import encode_pubkey_bin
+    from ..keys import load_boot_key, load_public_key
+    from ..sign import build_sig, source_date_epoch
+
+    parsed = parse_image(_read(image))
+    updates: dict[str, bytes] = {}
+    config_bytes = _read(config) if config is not None else parsed.read_file("bootconf.txt")
+    if config is not None:
+        if not no_validate:
+            try:
+                text = config_bytes.decode("ascii")
+            except UnicodeDecodeError:
+                raise UsageError("the config is not ASCII text", config) from None
+            validate_bootconf(text, Path(config).name)
+        updates["bootconf.txt"] = config_bytes
+    if pubkey is not None:
+        updates["pubkey.bin"] = encode_pubkey_bin(load_public_key(Path(pubkey)))
+    if sign_key is not None:
+        if pubkey is not None:
+            raise UsageError("--pubkey and --sign-key both set pubkey.bin", "--pubkey",
+                             "--sign-key already stores the public half of the signing key")
+        key = load_boot_key(Path(sign_key))
+        ts = timestamp if timestamp is not None else source_date_epoch()
+        updates["bootconf.sig"] = build_sig(config_bytes, ts, key=key)
+        updates["pubkey.bin"] = encode_pubkey_bin(key.public_key())
+    if cacert is not None:
+        updates["cacert.der"] = _read(cacert)
+    atomic_write(out, replace_files(parsed.data, updates, timestamp=timestamp, image=parsed))
+
+
+@eeprom.command("verify")
+@click.argument("image", type=existing_file())
+@click.option("--key", type=existing_file(), help="Also require bootconf.sig and pubkey.bin to match this key.")
+def verify_cmd(image: str, key: str | None) -> None:
+    """Check structure, config and bootconf.sig; exit 1 with the reason when anything is off."""
+    from ..eeprom.assemble import verify_eeprom
+    from ..keys import load_public_key
+
+    public = load_public_key(Path(key)) if key is not None else None
+    report = verify_eeprom(_read(image), public)
+    signature = "signed (rsa2048)" if report.signed else "unsigned"
+    virtual = ", virtual" if report.virtual else ""
+    click.echo(f"OK: {image}: {report.layout} layout{virtual}, bootconf.txt {signature}, "
+               f"pubkey.bin {report.pubkey_sha256 or 'none'}, timestamp {report.timestamp or 'unset'}")
+
+
+@eeprom.command("diff")
+@click.argument("a", type=existing_file())
+@click.argument("b", type=existing_file())
+def diff_cmd(a: str, b: str) -> None:
+    """Show config and section differences between two images (exit 1 when they differ)."""
+    from ..eeprom.assemble import diff_images
+
+    lines = diff_images(_read(a), _read(b))
+    for line in lines:
+        click.echo(line)
+    if lines:
+        click.get_current_context().exit(1)
+    click.echo("identical")
+
+
+@eeprom.command("synth")
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.option("--layout", type=click.Choice(["ab", "non-ab"]), default="ab", show_default=True)
+def synth_cmd(out: str, layout: str) -> None:
+    """Write a synthetic (virtual) 2712 image."""
+    from ..eeprom.synthetic import synthetic_image
+
+    atomic_write(out, synthetic_image(layout))
+
+
+COMMANDS = [eeprom]
