@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import hashlib
-import ipaddress
 import re
 import tomllib
 import typing
@@ -24,8 +23,6 @@ from .errors import RecipeError
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
-_HOST_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
-_PATH = re.compile(r"^[A-Za-z0-9._~/-]+$")
 VARIANTS = ("recovery", "permissive", "enforced")
 
 
@@ -194,27 +191,21 @@ def _table(cls: type, mapping: Mapping[str, Any], path: str) -> Any:
 
 # --- semantic checks ---------------------------------------------------------------------
 
-def check_http_host(value: str, where: str) -> None:
-    """Facts §3: lowercase alphanumerics, `-`, `.`, or an IP; no scheme, slash or port."""
-    hint = "give a bare host name or IP address, e.g. `boot.example.org` (no http://, no /path, no :port)"
-    if not value:
-        raise RecipeError("HTTP host is empty", where, hint)
-    try:
-        ipaddress.ip_address(value)
-        return
-    except ValueError:
-        pass
-    if "://" in value or "/" in value or ":" in value or value != value.lower() or len(value) > 253:
-        raise RecipeError(f"invalid HTTP host {value!r} (the bootloader silently ignores it)", where, hint)
-    if not all(_HOST_LABEL.match(label) for label in value.split(".")):
-        raise RecipeError(f"invalid HTTP host {value!r} (the bootloader silently ignores it)", where, hint)
+def _check_site(site: Site) -> None:
+    """The site's HTTP values, checked by the same rules as the EEPROM's bootconf.txt (facts §3)."""
+    from .eeprom.bootconf import validate_bootconf
+    from .errors import ConfigError
 
-
-def check_http_path(value: str, where: str) -> None:
-    if not value or value.startswith("/") or value.endswith("/") or "//" in value \
-            or not _PATH.match(value) or ".." in value.split("/"):
-        raise RecipeError(f"invalid HTTP path {value!r}", where,
-                          "use forward slashes without a leading or trailing one, e.g. `walt-vpn/boot`")
+    lines = {"http_host": f"HTTP_HOST={site.http_host}", "http_port": f"HTTP_PORT={site.http_port}",
+             "http_path": f"HTTP_PATH={site.http_path}"}
+    if not site.http_host:
+        raise RecipeError("HTTP host is empty", "site.http_host",
+                          "give a bare host name or IP address, e.g. `boot.example.org`")
+    for key, line in lines.items():
+        try:
+            validate_bootconf(line + "\n", f"site.{key}")
+        except ConfigError as exc:
+            raise RecipeError(exc.what, f"site.{key}", exc.hint) from None
 
 
 def _check_source_ref(ref: str, recipe: Recipe, where: str, extra: Sequence[str]) -> None:
@@ -252,10 +243,7 @@ def _check(recipe: Recipe) -> None:
             raise RecipeError(f"invalid URL {source.url!r}", f"{where}.url", "use http:// or https://")
         if source.size < 0:
             raise RecipeError("size must be >= 0", f"{where}.size")
-    check_http_host(recipe.site.http_host, "site.http_host")
-    if not 1 <= recipe.site.http_port <= 65535:
-        raise RecipeError(f"HTTP port {recipe.site.http_port} out of range", "site.http_port", "1 to 65535")
-    check_http_path(recipe.site.http_path, "site.http_path")
+    _check_site(recipe.site)
     _check_source_ref(recipe.eeprom.base, recipe, "eeprom.base", ("synthetic:ab", "synthetic:non-ab"))
     for i, variant in enumerate(recipe.eeprom.variants):
         if variant not in VARIANTS:

@@ -7,8 +7,6 @@ from pathlib import Path
 
 import click
 
-from ..virtual.node import DEFAULT_MARKER, NodeOptions, boot_node
-
 
 @click.group("virtual-node")
 def virtual_group() -> None:
@@ -21,7 +19,7 @@ def virtual_group() -> None:
 @click.option("--sd", type=click.Path(exists=True, path_type=Path),
               help="Virtual SD card: a directory (boot partition) or a FAT image.")
 @click.option("--timeout", type=float, default=300.0, show_default=True, help="Seconds to reach the OS.")
-@click.option("--marker", default=DEFAULT_MARKER, show_default=True,
+@click.option("--marker", default="FWBUILD-NODE-OS-READY", show_default=True,
               help="Regex the OS prints on the serial console once it is up.")
 @click.option("--restarts", type=int, default=2, show_default=True,
               help="How many BOOT_ORDER restarts (mode f) before giving up.")
@@ -33,6 +31,8 @@ def virtual_group() -> None:
 def boot_cmd(eeprom: Path, sd: Path | None, timeout: float, marker: str, restarts: int,
              guestfwd: tuple[str, ...], workdir: Path | None, console: bool) -> None:
     """Boot a virtual node: exit 0 when it reached its OS, 1 with the reason otherwise."""
+    from ..virtual.node import NodeOptions, boot_node
+
     work = workdir or Path(tempfile.mkdtemp(prefix="fwbuild-node-"))
     options = NodeOptions(eeprom=eeprom, workdir=work, sd=sd, timeout=timeout, marker=marker,
                           max_restarts=restarts, guestfwd=guestfwd)

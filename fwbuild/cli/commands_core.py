@@ -9,11 +9,7 @@ import click
 
 from .. import keys as keys_mod
 from .. import sign
-from ..build import build as run_build
 from ..fsutil import atomic_write
-from ..recipe import load_recipe
-from ..sources import Cache, check_offline, fetch_all, import_directory
-from ..verify import verify_output
 from ._common import BarProgress, existing_file
 
 
@@ -107,6 +103,9 @@ _set_option = click.option(
 def build_cmd(recipe: Path, overrides: tuple[str, ...], out_root: Path, keys_dir: Path | None,
               offline: bool, init_keys: bool) -> None:
     """Build RECIPE into a signed, reproducible artifact set under OUT/<name>/."""
+    from ..build import build as run_build
+    from ..recipe import load_recipe
+
     parsed = load_recipe(recipe, overrides)
     keys_dir = keys_dir or Path(parsed.keys.dir)
     if init_keys and not keys_mod.KeyPaths(keys_dir).boot_key.exists():
@@ -132,6 +131,9 @@ def build_cmd(recipe: Path, overrides: tuple[str, ...], out_root: Path, keys_dir
 @click.option("--offline", is_flag=True, help="Check the cache only; fail naming every missing file.")
 def fetch_cmd(recipe: Path | None, overrides: tuple[str, ...], import_dir: Path | None, offline: bool) -> None:
     """Download (or import) RECIPE's pinned sources into the cache."""
+    from ..recipe import load_recipe
+    from ..sources import Cache, check_offline, fetch_all, import_directory
+
     cache = Cache.default()
     parsed = load_recipe(recipe, overrides) if recipe else None
     if import_dir is not None:
@@ -162,6 +164,8 @@ def fetch_cmd(recipe: Path | None, overrides: tuple[str, ...], import_dir: Path 
               help="Expected boot-signing public key (PEM): every signature must be by it.")
 def verify_cmd(out_dir: Path, key_path: Path | None) -> None:
     """Re-check an artifact set (OUT_DIR) against its manifest.json and its signatures."""
+    from ..verify import verify_output
+
     key = keys_mod.load_public_key(key_path) if key_path else None
     report = verify_output(out_dir, key)
     for line in report.checked:
