@@ -1,0 +1,1 @@
+"""The HTTP boot image: `boot.img` (a FAT volume without MBR) and `boot.sig`."""

@@ -1,0 +1,135 @@
+"""Commands: recovery archive / image / write."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..errors import UsageError
+from ..fsutil import atomic_write
+from ..recovery.archive import (
+    fake_recovery_bin,
+    kit_files,
+    pack_tar_gz,
+    read_recovery_archive,
+)
+from ..recovery.device import SysfsProbe, describe_target, write_kit
+from ..recovery.diskimage import recovery_disk_image
+from ..sign import source_date_epoch
+from ._common import BarProgress, existing_file
+
+_from_option = click.option(
+    "--from", "from_archive", type=existing_file(),
+    help="An existing rpi-5-sd-recovery.tar.gz (instead of --eeprom).")
+_eeprom_option = click.option(
+    "--eeprom", "eeprom", type=existing_file(),
+    help="The 2 MiB EEPROM image to flash (the recovery variant or a per-node image).")
+_recovery_bin_option = click.option(
+    "--recovery-bin", "recovery_bin", type=existing_file(),
+    help="The Pi 5 recovery.bin (rpi-eeprom firmware-2712/recovery.bin).")
+_virtual_option = click.option(
+    "--virtual", is_flag=True,
+    help="Use a FAKE recovery.bin (virtual tests only; it does nothing on a real board).")
+_epoch_option = click.option(
+    "--epoch", type=int, help="Timestamps (default: SOURCE_DATE_EPOCH, else now).")
+
+
+def _kit(from_archive: str | None, eeprom: str | None, recovery_bin: str | None, virtual: bool,
+         epoch: int | None) -> tuple[dict[str, bytes], int]:
+    """The kit's files and epoch, from an archive or from --eeprom + --recovery-bin/--virtual."""
+    if from_archive:
+        if eeprom or recovery_bin or virtual:
+            raise UsageError("--from excludes --eeprom, --recovery-bin and --virtual")
+        kit = read_recovery_archive(Path(from_archive).read_bytes(), from_archive)
+        return kit.files, kit.epoch
+    if not eeprom:
+        raise UsageError("give --eeprom IMAGE (or --from ARCHIVE)")
+    if bool(recovery_bin) == virtual:
+        raise UsageError("give exactly one of --recovery-bin FILE and --virtual",
+                         hint="the real recovery.bin comes from rpi-eeprom's firmware-2712/")
+    rbin = Path(recovery_bin).read_bytes() if recovery_bin else fake_recovery_bin()
+    if virtual:
+        click.echo("note: using a FAKE recovery.bin (--virtual): not for real boards", err=True)
+    ts = epoch if epoch is not None else source_date_epoch()
+    return kit_files(rbin, Path(eeprom).read_bytes(), ts), ts
+
+
+@click.group("recovery")
+def recovery_group() -> None:
+    """Make the SD-card EEPROM recovery kit: archive, disk image, or write it to a card."""
+
+
+@recovery_group.command("archive")
+@_eeprom_option
+@_recovery_bin_option
+@_virtual_option
+@_epoch_option
+@click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Output .tar.gz (e.g. rpi-5-sd-recovery.tar.gz).")
+def recovery_archive_cmd(eeprom: str | None, recovery_bin: str | None, virtual: bool,
+                         epoch: int | None, out: Path) -> None:
+    """Pack --eeprom IMAGE (any 2 MiB image, e.g. a node's) into a recovery .tar.gz."""
+    files, ts = _kit(None, eeprom, recovery_bin, virtual, epoch)
+    data = pack_tar_gz(files, ts)
+    atomic_write(out, data)
+    click.echo(f"wrote {out} ({len(data)} bytes): {', '.join(sorted(files))}")
+
+
+@recovery_group.command("image")
+@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+@_from_option
+@_eeprom_option
+@_recovery_bin_option
+@_virtual_option
+@_epoch_option
+def recovery_image_cmd(out: Path, from_archive: str | None, eeprom: str | None,
+                       recovery_bin: str | None, virtual: bool, epoch: int | None) -> None:
+    """Write OUT, a disk image (MBR + FAT32 partition) for dd or Raspberry Pi Imager."""
+    files, ts = _kit(from_archive, eeprom, recovery_bin, virtual, epoch)
+    image = recovery_disk_image(files, ts)
+    report = write_kit(out, image)
+    click.echo(f"wrote {out} ({report.bytes_written} bytes; sparse): "
+               f"{', '.join(sorted(report.files))}")
+
+
+@recovery_group.command("write")
+@click.argument("device", type=click.Path(dir_okay=False, path_type=Path))
+@_from_option
+@_eeprom_option
+@_recovery_bin_option
+@_virtual_option
+@_epoch_option
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--allow-non-removable", is_flag=True,
+              help="Accept a disk the kernel does not flag removable (some built-in SD readers).")
+@click.option("--system-root", type=click.Path(file_okay=False, path_type=Path), default=Path("/"),
+              hidden=True, help="Read sys/ and proc/ under this directory (tests).")
+def recovery_write_cmd(device: Path, from_archive: str | None, eeprom: str | None,
+                       recovery_bin: str | None, virtual: bool, epoch: int | None, yes: bool,
+                       allow_non_removable: bool, system_root: Path) -> None:
+    """Write the kit to DEVICE (an SD card, or a file), then read it back and verify it.
+
+    Refuses a partition, the system disk, a mounted disk and (unless
+    --allow-non-removable) a non-removable disk. Shows what will be erased and
+    asks for confirmation unless --yes.
+    """
+    files, ts = _kit(from_archive, eeprom, recovery_bin, virtual, epoch)
+    probe = SysfsProbe(system_root)
+    info = describe_target(device, probe, allow_non_removable=allow_non_removable)
+    click.echo(info.describe())
+    if not yes:
+        click.confirm(f"Write the recovery kit to {device}?", abort=True)
+    image = recovery_disk_image(files, ts)
+    bar = BarProgress()
+    try:
+        report = write_kit(device, image, bar, probe, allow_non_removable=allow_non_removable)
+    finally:
+        bar.close()
+    for path, digest in sorted(report.files.items()):
+        click.echo(f"verified  {digest}  {path}")
+    click.echo(f"wrote and verified {report.bytes_written} bytes on {device}; "
+               "insert the card in the Pi 5 and power it on (see README.txt)")
+
+
+COMMANDS = [recovery_group]

@@ -1,0 +1,1 @@
+"""The SD-card EEPROM recovery kit: archive, disk image and card writer."""
