@@ -1,0 +1,1 @@
+"""Initramfs builder: apt packages, .deb staging, ELF and module closures, cpio newc."""

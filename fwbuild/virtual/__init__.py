@@ -1,0 +1,1 @@
+"""The virtual Pi 5: emulated bootloader and the QEMU runner."""
