@@ -15,13 +15,15 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-
-import requests
+from typing import TYPE_CHECKING
 
 from .errors import SourceError
 from .fsutil import sha256_file
 from .progress import Progress, report
 from .recipe import Recipe, Source, resolve_path
+
+if TYPE_CHECKING:
+    import requests
 
 _CHUNK = 1 << 16
 FETCH_TIMEOUT = (10, 60)  # connect, read (seconds)
@@ -88,6 +90,8 @@ class Cache:
 def fetch_url(cache: Cache, url: str, sha256: str, *, size: int = 0, progress: Progress | None = None,
               label: str | None = None, session: requests.Session | None = None) -> Path:
     """The cached blob for `sha256`, downloading `url` into the cache when missing."""
+    import requests  # imported here: most commands never download, and it is slow to import
+
     hit = cache.lookup(sha256)
     if hit:
         return hit
