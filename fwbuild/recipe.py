@@ -359,3 +359,9 @@ def load_recipe(path: Path, overrides: Sequence[str] = ()) -> Recipe:
 def resolve_path(recipe: Recipe, relative: str) -> Path:
     """A path from the recipe, relative to the recipe's directory."""
     return (Path(recipe.directory) / relative).resolve()
+
+
+def resolved_repositories(recipe: Recipe) -> tuple[AptRepository, ...]:
+    """The recipe's apt repositories with their keyring paths made absolute."""
+    return tuple(dataclasses.replace(repo, keyring=str(resolve_path(recipe, repo.keyring)))
+                 for repo in recipe.apt_repositories)

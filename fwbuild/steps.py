@@ -17,7 +17,7 @@ from .build import BuildContext, Step
 from .errors import BuildError, KeyFileError
 from .fsutil import sha256_file
 from .keys import load_boot_key
-from .recipe import resolve_path
+from .recipe import resolve_path, resolved_repositories
 from .sources import check_offline, source_path
 
 
@@ -171,10 +171,7 @@ def _kernel_and_dtbs(ctx: BuildContext) -> tuple[bytes, dict[str, bytes]]:
     if not recipe.initramfs.kernel_package:
         raise BuildError("bootimg.kernel = \"package\" but no initramfs.kernel_package",
                          "bootimg.kernel", "name the kernel package in [initramfs] kernel_package")
-    from dataclasses import replace
-
-    repositories = tuple(replace(r, keyring=str(resolve_path(recipe, r.keyring))) for r in recipe.apt_repositories)
-    kernel = stage_kernel(recipe.initramfs.kernel_package, ctx.cache, repositories=repositories,
+    kernel = stage_kernel(recipe.initramfs.kernel_package, ctx.cache, repositories=resolved_repositories(recipe),
                           progress=ctx.progress)
     dtbs: dict[str, bytes] = {}
     for pattern in recipe.bootimg.dtbs:

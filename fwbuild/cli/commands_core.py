@@ -129,7 +129,11 @@ def build_cmd(recipe: Path, overrides: tuple[str, ...], out_root: Path, keys_dir
 @click.option("--import", "import_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Seed the cache from the files in this directory (matched by sha256).")
 @click.option("--offline", is_flag=True, help="Check the cache only; fail naming every missing file.")
-def fetch_cmd(recipe: Path | None, overrides: tuple[str, ...], import_dir: Path | None, offline: bool) -> None:
+@click.option("--refresh-apt", is_flag=True,
+              help="Also refresh the arm64 package lists of the recipe's repositories "
+                   "(the next build resolves packages anew; the manifest records the new pins).")
+def fetch_cmd(recipe: Path | None, overrides: tuple[str, ...], import_dir: Path | None, offline: bool,
+              refresh_apt: bool) -> None:
     """Download (or import) RECIPE's pinned sources into the cache."""
     from ..recipe import load_recipe
     from ..sources import Cache, check_offline, fetch_all, import_directory
@@ -155,6 +159,12 @@ def fetch_cmd(recipe: Path | None, overrides: tuple[str, ...], import_dir: Path 
         bar.close()
     for name, path in paths.items():
         click.echo(f"{name}: {path}")
+    if refresh_apt:
+        from ..initramfs.apt import AptSession
+        from ..recipe import resolved_repositories
+
+        AptSession(cache, resolved_repositories(parsed)).update(force=True, progress=bar)
+        click.echo("apt package lists refreshed")
     click.echo(f"{len(paths)} source(s) of {parsed.name} in {cache.root}")
 
 

@@ -14,7 +14,7 @@ import hashlib
 import json
 import posixpath
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ import jinja2
 from ..errors import BuildError, FormatError, FwbuildError, UsageError
 from ..fsutil import atomic_write
 from ..progress import Progress, report
-from ..recipe import AptRepository, Recipe, resolve_path
+from ..recipe import AptRepository, Recipe, resolve_path, resolved_repositories
 from ..sources import Cache
 from .apt import AptSession, PinnedPackage, dependency_chains
 from .cpio import COMPRESSIONS, GZIP_LEVEL, ZSTD_LEVEL, compress, decompress, write_cpio
@@ -287,8 +287,7 @@ def spec_from_recipe(recipe: Recipe, *, epoch: int,
     """
     section = recipe.initramfs
     init = section.init if section.init.startswith("builtin:") else str(resolve_path(recipe, section.init))
-    repositories = tuple(replace(repo, keyring=str(resolve_path(recipe, repo.keyring)))
-                         for repo in recipe.apt_repositories)
+    repositories = resolved_repositories(recipe)
     return InitramfsSpec(
         packages=section.packages or InitramfsSpec.packages,
         paths=section.binaries or InitramfsSpec.paths,
