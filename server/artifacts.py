@@ -1,0 +1,192 @@
+"""The artifact set the server hands out: a build output directory (`out/<recipe>/`).
+
+Files are looked up by fixed names only (never from URL text). Their sha256 (the ETag)
+is computed once per (device, inode, size, mtime) and cached, so a new build published
+atomically over the old one is picked up on the next request. `boot.sig` comes from the
+build when it matches `boot.img`, else it is signed once per boot.img digest with the
+boot-signing key and cached in the state directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from fwbuild.errors import FormatError, FwbuildError
+from fwbuild.fsutil import atomic_write
+from fwbuild.sign import build_sig, parse_sig
+
+log = logging.getLogger("fwbuild.server")
+
+BOOT_IMG = Path("bootimg/boot.img")
+BOOT_SIG = Path("bootimg/boot.sig")
+RECOVERY = Path("recovery/rpi-5-sd-recovery.tar.gz")
+MANIFEST = Path("manifest.json")
+
+
+class ArtifactMissing(FwbuildError):
+    """An artifact the request needs is not in the artifact directory."""
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    path: Path
+    size: int
+    mtime: float
+    sha256: str
+
+    @property
+    def etag(self) -> str:
+        return f'"{self.sha256}"'
+
+
+class DigestCache:
+    """sha256 of files, keyed by their stat identity (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._cache: dict[tuple[int, int, int, int], str] = {}
+
+    def digest_fd(self, fd: int) -> tuple[os.stat_result, str]:
+        st = os.fstat(fd)
+        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        with self._lock:
+            cached = self._cache.get(key)
+        if cached is not None:
+            return st, cached
+        digest = hashlib.sha256()
+        offset = 0
+        while chunk := os.pread(fd, 1 << 20, offset):
+            digest.update(chunk)
+            offset += len(chunk)
+        value = digest.hexdigest()
+        with self._lock:
+            if len(self._cache) > 256:
+                self._cache.clear()
+            self._cache[key] = value
+        return st, value
+
+
+class ArtifactSet:
+    def __init__(self, directory: Path, state_dir: Path, boot_key: rsa.RSAPrivateKey) -> None:
+        self.directory = directory
+        self._sig_dir = state_dir / "sigcache"
+        self._boot_key = boot_key
+        self.digests = DigestCache()
+        self._sig_lock = threading.Lock()
+        self._sigs: dict[str, bytes] = {}
+
+    def open(self, relative: Path) -> tuple[int, FileInfo]:
+        """An open fd (caller closes) and the file's info; ArtifactMissing when absent."""
+        path = self.directory / relative
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise ArtifactMissing(f"{relative} is not in the artifact set", str(self.directory),
+                                  "build it (`fwbuild build RECIPE`) or fix server.artifacts"
+                                  ) from None
+        try:
+            st, digest = self.digests.digest_fd(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd, FileInfo(path, st.st_size, st.st_mtime, digest)
+
+    def info(self, relative: Path) -> FileInfo:
+        fd, info = self.open(relative)
+        os.close(fd)
+        return info
+
+    def read(self, relative: Path) -> tuple[bytes, FileInfo]:
+        fd, info = self.open(relative)
+        try:
+            with os.fdopen(fd, "rb", closefd=False) as handle:
+                data = handle.read()
+        finally:
+            os.close(fd)
+        if hashlib.sha256(data).hexdigest() != info.sha256:  # replaced while reading
+            return self.read(relative)
+        return data, FileInfo(info.path, len(data), info.mtime, info.sha256)
+
+    def sign_timestamp(self, fallback: float) -> int:
+        """The `ts:` of a boot.sig made here: the build's SOURCE_DATE_EPOCH, else the mtime."""
+        try:
+            manifest = json.loads((self.directory / MANIFEST).read_text("utf-8"))
+            value = manifest.get("source_date_epoch", manifest.get("SOURCE_DATE_EPOCH"))
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+        except (OSError, ValueError, AttributeError):
+            pass
+        return int(fallback)
+
+    def boot_sig(self, boot: FileInfo) -> bytes:
+        """The boot.sig matching `boot` (from the build if it matches, else signed once)."""
+        with self._sig_lock:
+            cached = self._sigs.get(boot.sha256)
+        if cached is not None:
+            return cached
+        sig = self._build_sig_if_matching(boot) or self._cached_or_signed(boot)
+        with self._sig_lock:
+            self._sigs[boot.sha256] = sig
+        return sig
+
+    def _build_sig_if_matching(self, boot: FileInfo) -> bytes | None:
+        try:
+            data = (self.directory / BOOT_SIG).read_bytes()
+            parsed = parse_sig(data, str(BOOT_SIG))
+        except (OSError, FormatError):
+            return None
+        if parsed.sha256 != boot.sha256 or parsed.rsa2048 is None:
+            log.warning("artifact boot.sig does not match boot.img (or is unsigned): signing here")
+            return None
+        return data
+
+    def _cached_or_signed(self, boot: FileInfo) -> bytes:
+        cache = self._sig_dir / f"{boot.sha256}.sig"
+        try:
+            data = cache.read_bytes()
+            if parse_sig(data).sha256 == boot.sha256:
+                return data
+        except (OSError, FormatError):
+            pass
+        image, info = self.read(BOOT_IMG)
+        if info.sha256 != boot.sha256:
+            raise ArtifactMissing("boot.img changed while signing it", str(info.path),
+                                  "retry the request")
+        sig = build_sig(image, self.sign_timestamp(boot.mtime), key=self._boot_key)
+        atomic_write(cache, sig, 0o644)
+        log.info("signed boot.img %s once (cached)", boot.sha256[:16])
+        return sig
+
+    def eeprom_base(self, variant: str) -> bytes | None:
+        """The build's `eeprom/<variant>/pieeprom.bin`, or None when the set has none."""
+        try:
+            data, _ = self.read(Path("eeprom") / variant / "pieeprom.bin")
+        except ArtifactMissing:
+            return None
+        return data
+
+    def versions(self) -> dict[str, dict[str, object]]:
+        """sha256 + size of each artifact present (status page, admin API)."""
+        found: dict[str, dict[str, object]] = {}
+        candidates = [BOOT_IMG, BOOT_SIG, RECOVERY, MANIFEST]
+        eeprom_dir = self.directory / "eeprom"
+        if eeprom_dir.is_dir():
+            for variant in sorted(p.name for p in eeprom_dir.iterdir() if p.is_dir()):
+                candidates += [Path("eeprom") / variant / "pieeprom.bin",
+                               Path("eeprom") / variant / "pieeprom.sig"]
+        for relative in candidates:
+            try:
+                info = self.info(relative)
+            except (ArtifactMissing, OSError):
+                continue
+            found[str(relative)] = {"sha256": info.sha256, "size": info.size,
+                                    "mtime": int(info.mtime)}
+        return found

@@ -1,0 +1,275 @@
+"""The server core: enrollment, node administration, per-node artifacts.
+
+Shared by the HTTP handlers, the admin API and the `fwbuild nodes` CLI (which opens the
+same state database directly: SQLite WAL serialises the writers of both processes, and
+the RevokedKeys file is rewritten under an flock).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from fwbuild.errors import UsageError
+from fwbuild.keys import KeyPaths, check_private_mode, load_boot_key, load_ssh_ca
+
+from . import BOOT_MODES
+from .artifacts import ArtifactSet
+from .certs import (
+    build_creds,
+    issue_certificate,
+    known_hosts,
+    parse_node_pubkey,
+    public_line,
+    revoked_keys_lock,
+    write_revoked_keys,
+)
+from .config import ServerConfig
+from .db import (
+    CertRow,
+    Database,
+    NodeRow,
+    get_cert,
+    get_node,
+    insert_cert,
+    list_nodes,
+    next_counter,
+    node_certs,
+    recent_events,
+    revoked_public_keys,
+)
+from .errors import Conflict, Forbidden, NotFound
+from .macs import colon_mac, normalise_mac, vpn_mac
+from .nodeimg import NodeImageRenderer, NodeValues, RenderedImage, http_path, node_root
+
+log = logging.getLogger("fwbuild.server")
+
+
+@dataclass(frozen=True)
+class Enrollment:
+    mac: str
+    vpn_mac: str
+    serial: int
+    key_id: str
+    certificate: str
+    http_path: str
+    boot_mode: str
+    eeprom_digest: str
+    re_enrolled: bool
+
+    def as_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class Service:
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        paths = KeyPaths(config.keys_dir)
+        self.boot_key = load_boot_key(paths.boot_key)
+        self.ca = load_ssh_ca(paths.ssh_ca)
+        check_private_mode(paths.boot_key)
+        check_private_mode(paths.ssh_ca)
+        config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.db = Database(config.database)
+        self.artifacts = ArtifactSet(config.artifacts, config.state_dir, self.boot_key)
+        self.renderer = NodeImageRenderer(config, self.boot_key, self.artifacts.eeprom_base)
+        self.known_hosts = known_hosts(config.ssh_entrypoint, config.ssh_host_keys)
+        self.sync_revoked_keys()
+
+    def close(self) -> None:
+        self.db.close()
+
+    # -- reads ---------------------------------------------------------------------------
+    def node(self, mac: str) -> NodeRow:
+        mac12 = normalise_mac(mac)
+        with self.db.connection() as conn:
+            node = get_node(conn, mac12)
+        if node is None:
+            raise NotFound(f"unknown node {colon_mac(mac12)}", hint="enroll it first")
+        return node
+
+    def booting_node(self, mac: str) -> NodeRow:
+        """The node for a per-node boot path: 404 unknown, 403 revoked."""
+        node = self.node(mac)
+        if node.state != "enrolled":
+            raise Forbidden(f"node {colon_mac(node.mac)} is revoked")
+        return node
+
+    def mode_of(self, node: NodeRow) -> str:
+        return node.boot_mode or self.config.default_boot_mode
+
+    def current_cert(self, node: NodeRow) -> CertRow:
+        with self.db.connection() as conn:
+            cert = get_cert(conn, node.cert_serial)
+        assert cert is not None, "nodes.cert_serial references certificates"
+        return cert
+
+    def nodes(self) -> list[NodeRow]:
+        with self.db.connection() as conn:
+            return list_nodes(conn)
+
+    def creds(self, node: NodeRow) -> str:
+        cert = self.current_cert(node)
+        return build_creds(cert.private_key, cert.certificate, self.known_hosts)
+
+    def node_image(self, node: NodeRow) -> RenderedImage:
+        """The node's expected EEPROM image; records its digest when it changed."""
+        cert = self.current_cert(node)
+        values = NodeValues(node.mac, node.vpn_mac, self.mode_of(node), cert.serial,
+                            node.eeprom_ts, self.creds(node))
+        rendered = self.renderer.render(values)
+        if node.eeprom_key != rendered.key:
+            with self.db.transaction() as conn:
+                # Conditional: a concurrent mode change or re-enrollment wins.
+                conn.execute(
+                    "UPDATE nodes SET eeprom_digest = ?, eeprom_key = ? "
+                    "WHERE mac = ? AND cert_serial = ? AND eeprom_ts = ?",
+                    (rendered.sha256, rendered.key, node.mac, cert.serial, node.eeprom_ts))
+        return rendered
+
+    def describe(self, node: NodeRow, events: int = 0) -> dict[str, Any]:
+        cert = self.current_cert(node)
+        info: dict[str, Any] = {
+            "mac": colon_mac(node.mac),
+            "vpn_mac": node.vpn_mac,
+            "state": node.state,
+            "boot_mode": self.mode_of(node),
+            "boot_mode_override": node.boot_mode,
+            "enrolled_at": node.enrolled_at,
+            "last_seen": node.last_seen,
+            "last_boot": node.last_boot,
+            "eeprom_digest": node.eeprom_digest,
+            "http_path": http_path(node.mac),
+            "root": node_root(self.config, node.mac, node.vpn_mac),
+            "certificate": {
+                "serial": cert.serial, "key_id": cert.key_id,
+                "principals": cert.principals.split(","),
+                "valid_after": cert.valid_after, "valid_before": cert.valid_before,
+                "revoked_at": cert.revoked_at, "server_generated_key": cert.private_key is not None,
+            },
+        }
+        if events:
+            with self.db.connection() as conn:
+                info["events"] = [
+                    {"time": e.time, "artifact": e.artifact, "result": e.result,
+                     "client": e.client} for e in recent_events(conn, node.mac, events)]
+                info["certificates"] = [
+                    {"serial": c.serial, "issued_at": c.issued_at, "revoked_at": c.revoked_at}
+                    for c in node_certs(conn, node.mac)]
+        return info
+
+    # -- writes --------------------------------------------------------------------------
+    def enroll(self, mac: str, pubkey: str | None = None, client: str | None = None,
+               now: int | None = None) -> Enrollment:
+        """Create (or re-key) a node: VPN MAC, SSH key pair, certificate, EEPROM image."""
+        mac12 = normalise_mac(mac, "mac")
+        node_key = parse_node_pubkey(pubkey) if pubkey and pubkey.strip() else None
+        key_line = public_line(node_key) if node_key is not None else None
+        now = int(time.time()) if now is None else now
+        with self.db.transaction() as conn:
+            old = get_node(conn, mac12)
+            if old is not None and old.state != "enrolled":
+                raise Forbidden(f"node {colon_mac(mac12)} is revoked",
+                                hint=f"an admin must run `fwbuild nodes forget {colon_mac(mac12)}` "
+                                     "before it can enroll again")
+            if key_line is not None and conn.execute(
+                    "SELECT 1 FROM certificates WHERE public_key = ?", (key_line,)).fetchone():
+                raise Conflict("this public key was already certified",
+                               hint="generate a new key pair for each enrollment")
+            serial = next_counter(conn, "cert_serial")
+            issued = issue_certificate(self.ca, mac12, serial, now,
+                                       self.config.cert_validity_days, node_key)
+            insert_cert(conn, CertRow(
+                serial, mac12, issued.key_id, "walt-vpn", issued.valid_after,
+                issued.valid_before, " ".join(issued.public_key.split()[:2]),
+                issued.certificate, issued.private_key, now, None))
+            if old is None:
+                vmac = vpn_mac(next_counter(conn, "vpn_mac"))
+                conn.execute(
+                    "INSERT INTO nodes(mac, vpn_mac, boot_mode, state, cert_serial, enrolled_at,"
+                    " eeprom_ts) VALUES (?, ?, NULL, 'enrolled', ?, ?, ?)",
+                    (mac12, vmac, serial, now, now))
+            else:
+                vmac = old.vpn_mac
+                conn.execute("UPDATE certificates SET revoked_at = ? WHERE serial = ?",
+                             (now, old.cert_serial))
+                conn.execute(
+                    "UPDATE nodes SET cert_serial = ?, enrolled_at = ?, eeprom_ts = ?,"
+                    " eeprom_digest = NULL, eeprom_key = NULL WHERE mac = ?",
+                    (serial, now, max(now, old.eeprom_ts + 1), mac12))
+            self._event(conn, mac12, "enroll", "re-enrolled" if old else "enrolled", client, now)
+        if old is not None:
+            self.sync_revoked_keys()
+        node = self.node(mac12)
+        image = self.node_image(node)
+        log.info("enrolled %s as %s (certificate serial %d)", colon_mac(mac12), vmac, serial)
+        return Enrollment(colon_mac(mac12), vmac, serial, issued.key_id, issued.certificate,
+                          http_path(mac12), self.mode_of(node), image.sha256, old is not None)
+
+    def set_mode(self, mac: str, mode: str | None) -> NodeRow:
+        """Override a node's boot mode (None: back to the site default); re-renders at once."""
+        if mode is not None and mode not in BOOT_MODES:
+            raise UsageError(f"unknown boot mode {mode!r}", "mode",
+                             "use enforced, permissive or default")
+        node = self.node(mac)
+        now = int(time.time())
+        with self.db.transaction() as conn:
+            conn.execute("UPDATE nodes SET boot_mode = ?, eeprom_ts = max(?, eeprom_ts + 1),"
+                         " eeprom_digest = NULL, eeprom_key = NULL WHERE mac = ?",
+                         (mode, now, node.mac))
+            self._event(conn, node.mac, "boot-mode", mode or "default", "admin", now)
+        node = self.node(node.mac)
+        if node.state == "enrolled":
+            self.node_image(node)
+            node = self.node(node.mac)
+        return node
+
+    def revoke(self, mac: str) -> NodeRow:
+        """Revoke the node's certificate (RevokedKeys) and refuse its boot paths (403)."""
+        node = self.node(mac)
+        now = int(time.time())
+        with self.db.transaction() as conn:
+            conn.execute("UPDATE certificates SET revoked_at = coalesce(revoked_at, ?) "
+                         "WHERE node_mac = ?", (now, node.mac))
+            conn.execute("UPDATE nodes SET state = 'revoked' WHERE mac = ?", (node.mac,))
+            self._event(conn, node.mac, "revoke", "revoked", "admin", now)
+        self.sync_revoked_keys()
+        self.renderer.forget(node.mac)
+        log.info("revoked %s (certificate serial %d)", colon_mac(node.mac), node.cert_serial)
+        return self.node(node.mac)
+
+    def forget(self, mac: str) -> None:
+        """Remove the node (its certificates stay revoked forever)."""
+        node = self.node(mac)
+        now = int(time.time())
+        with self.db.transaction() as conn:
+            conn.execute("UPDATE certificates SET revoked_at = coalesce(revoked_at, ?) "
+                         "WHERE node_mac = ?", (now, node.mac))
+            conn.execute("DELETE FROM nodes WHERE mac = ?", (node.mac,))
+            self._event(conn, node.mac, "forget", "forgotten", "admin", now)
+        self.sync_revoked_keys()
+        self.renderer.forget(node.mac)
+
+    def record(self, node: NodeRow, artifact: str, result: str, client: str | None,
+               boot: bool = False) -> None:
+        """An event for a per-node fetch; updates last_seen (and last_boot for boot.img)."""
+        now = int(time.time())
+        with self.db.transaction() as conn:
+            self._event(conn, node.mac, artifact, result, client, now)
+            conn.execute("UPDATE nodes SET last_seen = ?, last_boot = CASE WHEN ? THEN ? "
+                         "ELSE last_boot END WHERE mac = ?", (now, boot, now, node.mac))
+
+    @staticmethod
+    def _event(conn: Any, mac12: str, artifact: str, result: str, client: str | None,
+               now: int) -> None:
+        conn.execute("INSERT INTO events(node_mac, artifact, time, result, client) "
+                     "VALUES (?, ?, ?, ?, ?)", (mac12, artifact, now, result, client))
+
+    def sync_revoked_keys(self) -> None:
+        """Rewrite RevokedKeys from the database (under an flock, so the newest list wins)."""
+        with revoked_keys_lock(self.config.revoked_keys_file):
+            with self.db.connection() as conn:
+                revoked = revoked_public_keys(conn)
+            write_revoked_keys(self.config.revoked_keys_file, revoked)

@@ -1,0 +1,199 @@
+"""Helpers shared by the server tests (no tests here): artifact sets, configs, clients.
+
+Everything runs on loopback: the server binds 127.0.0.1; "outside the enrollment
+subnets" is simulated by connecting from 127.0.0.2 while the subnets are 127.0.0.1/32
+(or by configuring 192.0.2.0/24, a documentation range that is never contacted).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import os
+import shutil
+import socket
+import sqlite3
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+INSIDE = "127.0.0.1"
+OUTSIDE = "127.0.0.2"
+HOST_KEY_LINE = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl"
+
+
+def make_artifacts(directory: Path, size: int = 3 * 1024 * 1024 + 17) -> Path:
+    """A minimal build output: bootimg/boot.img (deterministic bytes), no boot.sig, no EEPROM."""
+    boot = directory / "bootimg" / "boot.img"
+    boot.parent.mkdir(parents=True, exist_ok=True)
+    block = hashlib.sha256(b"fwbuild test boot.img").digest() * 4096
+    with open(boot, "wb") as handle:
+        written = 0
+        while written < size:
+            chunk = block[: size - written]
+            handle.write(chunk)
+            written += len(chunk)
+    (directory / "manifest.json").write_text(json.dumps({"source_date_epoch": 1700000000}))
+    return directory
+
+
+def write_config(path: Path, *, artifacts: Path, state: Path, keys: Path,
+                 subnets: list[str] | None = None, port: int = 0, admin_port: int = 0,
+                 ssh: str = "vpn.example.org:2222", host_keys: list[str] | None = None,
+                 mode: str = "enforced", extra: str = "") -> Path:
+    subnets = subnets if subnets is not None else ["127.0.0.1/32"]
+    keys_list = host_keys if host_keys is not None else [HOST_KEY_LINE]
+    path.write_text(f"""
+[server]
+listen = "127.0.0.1"
+port = {port}
+hostname = "walt-server"
+artifacts = "{artifacts}"
+state_dir = "{state}"
+keys_dir = "{keys}"
+default_boot_mode = "{mode}"
+enrollment_subnets = {json.dumps(subnets)}
+node_root = "/var/lib/walt/nodes/{{mac12}}/fs"
+{extra}
+
+[entrypoints]
+http = "boot.example.org"
+ssh = "{ssh}"
+ssh_host_keys = {json.dumps(keys_list)}
+
+[admin]
+listen = "127.0.0.1"
+port = {admin_port}
+""")
+    return path
+
+
+def copy_keys(session_keys: Path, target: Path) -> Path:
+    shutil.copytree(session_keys, target)
+    return target
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+    @property
+    def text(self) -> str:
+        return self.body.decode()
+
+
+def request(port: int, method: str, path: str, *, body: bytes | None = None,
+            headers: dict[str, str] | None = None, source: str = INSIDE,
+            timeout: float = 60) -> Reply:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout,
+                                      source_address=(source, 0))
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        data = resp.read()
+        return Reply(resp.status, {k.lower(): v for k, v in resp.getheaders()}, data)
+    finally:
+        conn.close()
+
+
+def enroll(port: int, mac: str, pubkey: str | None = None, source: str = INSIDE) -> Reply:
+    from urllib.parse import urlencode
+
+    fields = {"mac": mac}
+    if pubkey:
+        fields["ssh-pubkey"] = pubkey
+    return request(port, "POST", "/walt-vpn/enroll", body=urlencode(fields).encode(),
+                   headers={"Content-Type": "application/x-www-form-urlencoded"}, source=source)
+
+
+def raw_request(port: int, data: bytes, source: str = INSIDE, timeout: float = 30) -> Reply:
+    """Send raw bytes (anything http.client would refuse) and parse the reply."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout,
+                                  source_address=(source, 0)) as sock:
+        try:
+            sock.sendall(data)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        chunks = []
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+            if _complete(b"".join(chunks)):
+                break
+    raw = b"".join(chunks)
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1]) if lines and lines[0].startswith("HTTP/") else 0
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return Reply(status, headers, body)
+
+
+def _complete(raw: bytes) -> bool:
+    head, sep, body = raw.partition(b"\r\n\r\n")
+    if not sep:
+        return False
+    for line in head.split(b"\r\n")[1:]:
+        if line.lower().startswith(b"content-length:"):
+            return len(body) >= int(line.split(b":")[1])
+    return False
+
+
+def db_snapshot(path: Path) -> dict[str, list[tuple[Any, ...]]]:
+    """Every row of every table (to assert that a request changed nothing)."""
+    conn = sqlite3.connect(path)
+    try:
+        tables = [r[0] for r in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
+        return {t: sorted(conn.execute(f"SELECT * FROM {t}").fetchall(), key=repr)
+                for t in tables}
+    finally:
+        conn.close()
+
+
+@pytest.fixture(name="server_env")
+def server_env_fixture(tmp_path: Path, session_keys: Path) -> Iterator[dict[str, Path]]:
+    """Paths of a fresh server setup (artifacts, keys copy, state, config)."""
+    keys = copy_keys(session_keys, tmp_path / "keys")
+    artifacts = make_artifacts(tmp_path / "out")
+    config = write_config(tmp_path / "server.toml", artifacts=artifacts, state=tmp_path / "state",
+                          keys=keys)
+    yield {"root": tmp_path, "keys": keys, "artifacts": artifacts, "config": config,
+           "state": tmp_path / "state"}
+
+
+@pytest.fixture(name="running")
+def running_fixture(server_env: dict[str, Path]) -> Iterator[Any]:
+    """An in-process server on ephemeral loopback ports."""
+    from server.config import load_config
+    from server.run import start_server
+
+    srv = start_server(load_config(server_env["config"]))
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def file_mode(path: Path) -> int:
+    return os.stat(path).st_mode & 0o777
