@@ -26,7 +26,7 @@ FILES = {
 
 
 class _Served:
-    files: dict[str, bytes] = {}
+    files: dict[str, bytes] = {}  # noqa: RUF012 - replaced whole by each test
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -123,7 +123,7 @@ def test_image_signed_by_another_key_is_rejected(session_keys: Path, port: int, 
     assert any("rsa2048 signature does not verify" in line for line in log)
 
 
-def test_recovery_card_flashes_the_kit_eeprom(session_keys: Path, port: int, tmp_path: Path) -> None:
+def test_recovery_card_flashes_even_an_enforced_board(session_keys: Path, port: int, tmp_path: Path) -> None:
     card = tmp_path / "card"
     card.mkdir()
     kit = _eeprom(session_keys, "recovery", port)
@@ -131,6 +131,20 @@ def test_recovery_card_flashes_the_kit_eeprom(session_keys: Path, port: int, tmp
     (card / "pieeprom.bin").write_bytes(kit)
     (card / "pieeprom.sig").write_bytes(pieeprom_sig(kit, EPOCH))
     log: list[str] = []
-    result = Bootloader(_eeprom(session_keys, "recovery", port), sd=card, log=log.append).run()
+    result = Bootloader(_eeprom(session_keys, "enforced", port), sd=card, log=log.append).run()
     assert isinstance(result, RecoveryFlash) and result.new_eeprom == kit
     assert any("green LED" in line for line in log)
+    assert not any("Boot mode: HTTP" in line for line in log), "the ROM runs recovery.bin first"
+
+
+def test_corrupt_recovery_kit_flashes_nothing(session_keys: Path, port: int, tmp_path: Path) -> None:
+    card = tmp_path / "card"
+    card.mkdir()
+    kit = _eeprom(session_keys, "recovery", port)
+    (card / "recovery.bin").write_bytes(b"fake")
+    (card / "pieeprom.bin").write_bytes(kit[:-1] + b"\x00")
+    (card / "pieeprom.sig").write_bytes(pieeprom_sig(kit, EPOCH))
+    log: list[str] = []
+    with pytest.raises(BootFailure, match="recovery kit rejected"):
+        Bootloader(_eeprom(session_keys, "enforced", port), sd=card, log=log.append).run()
+    assert any("red LED" in line for line in log)

@@ -100,6 +100,9 @@ class Bootloader:
         self.session = session or requests.Session()
 
     def run(self) -> BootSelection | RecoveryFlash:
+        flashed = self._rom_recovery()
+        if flashed is not None:
+            return flashed
         order_text = self.config.get("BOOT_ORDER", "0xf41")
         order = boot_order(order_text)
         self.log(f"BOOT_ORDER {order_text}: " + " ".join(f"{n:x}" for n in order))
@@ -190,24 +193,35 @@ class Bootloader:
         except FwbuildError as exc:
             self.log(f"SD: {exc}; next mode")
             return None
-        lower = {name.lower(): data for name, data in files.items()}
-        if "recovery.bin" in lower and "pieeprom.bin" in lower:
-            return self._recovery(lower)
         try:
             return _selection("sd", files, self.bootconf, str(self.sd))
         except FwbuildError as exc:
             self.log(f"SD: {exc}; next mode")
             return None
 
-    def _recovery(self, files: dict[str, bytes]) -> RecoveryFlash | None:
+    def _rom_recovery(self) -> RecoveryFlash | None:
+        """The boot ROM runs recovery.bin from the SD card before the EEPROM bootloader
+        (pi5-boot-facts §5): this is how the kit resets any board, even an enforced one."""
+        if self.sd is None:
+            return None
+        try:
+            files = {name.lower(): data for name, data in _read_card(self.sd).items()}
+        except FwbuildError:
+            return None
+        if "recovery.bin" not in files:
+            return None
+        self.log("ROM: recovery.bin found on the SD card: running it instead of the EEPROM bootloader")
+        if "pieeprom.bin" not in files:
+            self.log("SD: recovery.bin: no pieeprom.bin on the card: nothing to flash (red LED); stopping")
+            raise BootFailure("recovery.bin found no pieeprom.bin to flash", str(self.sd))
         image = files["pieeprom.bin"]
         try:
             parse_image(image)
             if "pieeprom.sig" in files:
                 verify_sig(image, parse_sig(files["pieeprom.sig"], "pieeprom.sig"), where="pieeprom.sig")
         except FwbuildError as exc:
-            self.log(f"SD: recovery.bin: {exc}: EEPROM not flashed (red LED); next mode")
-            return None
+            self.log(f"SD: recovery.bin: {exc}: EEPROM not flashed (red LED); stopping")
+            raise BootFailure(f"recovery kit rejected: {exc.what}", str(self.sd)) from None
         self.log(f"SD: recovery.bin: flashing pieeprom.bin sha256 {hashlib.sha256(image).hexdigest()[:16]}"
                  " ... done (green screen, green LED blinking fast)")
         return RecoveryFlash(image)
