@@ -13,6 +13,7 @@ entrypoint `10.0.2.100:22` (inside QEMU) to the sshd on the host's loopback.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import urllib.parse
 import urllib.request
@@ -62,6 +63,9 @@ class VirtualSite:
     """Context manager: starts sshd and the server; `enroll`, `boot`, then stops everything."""
 
     def __init__(self, options: SiteOptions, log: Callable[[str], None] = lambda line: None) -> None:
+        # Absolute paths: sshd and the server resolve them from other working directories.
+        options = dataclasses.replace(options, artifacts=options.artifacts.resolve(),
+                                      keys_dir=options.keys_dir.resolve(), work=options.work.resolve())
         self.options = options
         self.log = log
         self.sshd: TestSshd | None = None
@@ -94,8 +98,8 @@ class VirtualSite:
         toml = render_server_toml({
             "server": {
                 "listen": "127.0.0.1", "port": port, "hostname": "virtual-site",
-                "artifacts": str(self.options.artifacts.resolve()), "state_dir": str(work / "state"),
-                "keys_dir": str(self.options.keys_dir.resolve()),
+                "artifacts": str(self.options.artifacts), "state_dir": str(work / "state"),
+                "keys_dir": str(self.options.keys_dir),
                 "default_boot_mode": self.options.default_mode,
                 "enrollment_subnets": ["127.0.0.0/8"], "node_root": str(root),
                 "revoked_keys_file": str(self.sshd.revoked),
@@ -151,3 +155,35 @@ class VirtualSite:
                               guestfwd=(f"tcp:{GUEST_ENTRYPOINT}:22-tcp:127.0.0.1:{self.sshd.port}",),
                               extra_cmdline=extra_cmdline)
         return boot_node(options, log=self.log)
+
+
+@dataclass(frozen=True)
+class DemoReport:
+    out_dir: Path
+    node_eeprom: Path
+    result: NodeResult
+    console_log: Path
+    config: Path
+
+
+def run_demo(recipe_path: Path, *, out_root: Path, keys_dir: Path, work: Path, mac: str,
+             timeout: float, log: Callable[[str], None]) -> DemoReport:
+    """Build the virtual recipe, verify it, start a site, enroll one node and boot it."""
+    from fwbuild.build import build
+    from fwbuild.keys import init_keys
+    from fwbuild.recipe import load_recipe
+    from fwbuild.verify import verify_output
+
+    recipe = load_recipe(recipe_path)
+    if not KeyPaths(keys_dir).boot_key.exists():
+        init_keys(keys_dir)
+        log(f"created site keys in {keys_dir}")
+    log(f"building {recipe_path} into {out_root}/{recipe.name} (cached steps are reused)")
+    built = build(recipe, out_root=out_root, keys_dir=keys_dir)
+    for line in verify_output(built.out_dir).checked:
+        log(f"verify: {line}")
+    with VirtualSite(SiteOptions(built.out_dir, keys_dir, work), log=log) as site:
+        eeprom = site.enroll(mac)
+        result = site.boot(eeprom, timeout=timeout, name="demo")
+    return DemoReport(built.out_dir, eeprom, result, site.options.work / "runs" / "demo" / "console.log",
+                      site.config_path)

@@ -45,4 +45,42 @@ def boot_cmd(eeprom: Path, sd: Path | None, timeout: float, marker: str, restart
     click.echo(f"OK: {result.reason} (console log: {work / 'console.log'})")
 
 
+@virtual_group.command("demo")
+@click.option("--recipe", type=click.Path(dir_okay=False, path_type=Path),
+              default=Path("recipes/virtual.toml"), show_default=True, help="The virtual recipe.")
+@click.option("--out", "out_root", type=click.Path(file_okay=False, path_type=Path), default=Path("out"),
+              show_default=True, help="Output root of the build.")
+@click.option("--keys", "keys_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("keys"),
+              show_default=True, help="Site keys (created when missing).")
+@click.option("--work", type=click.Path(file_okay=False, path_type=Path), default=Path("out/demo"),
+              show_default=True, help="Server state, sshd files, node images, console logs.")
+@click.option("--mac", default="dc:a6:32:00:00:01", show_default=True, help="The virtual node's Ethernet MAC.")
+@click.option("--timeout", type=float, default=300.0, show_default=True, help="Seconds for the node to boot.")
+def demo_cmd(recipe: Path, out_root: Path, keys_dir: Path, work: Path, mac: str, timeout: float) -> None:
+    """The whole system on this machine: build, serve, enroll a node, boot it over the VPN.
+
+    Builds and verifies the virtual artifact set, starts the server and an OpenSSH
+    entrypoint on 127.0.0.1 (needs root, for sshd), enrolls a virtual Pi 5, boots its
+    own EEPROM image in QEMU (HTTP boot, signature checks, SSH certificate, sshfs root)
+    and prints where everything is.
+    """
+    from server.virtual_site import run_demo
+
+    report = run_demo(recipe, out_root=out_root, keys_dir=keys_dir, work=work, mac=mac,
+                      timeout=timeout, log=lambda line: click.echo(f"[demo] {line}"))
+    click.echo("")
+    click.echo(f"artifact set   {report.out_dir}  (manifest.json lists every file)")
+    for rel in ("eeprom/enforced/pieeprom.bin", "initramfs/initramfs_2712", "bootimg/boot.img",
+                "recovery/rpi-5-sd-recovery.tar.gz"):
+        click.echo(f"               {report.out_dir / rel}")
+    click.echo(f"node EEPROM    {report.node_eeprom}  (0600: holds the node's credentials)")
+    click.echo(f"server config  {report.config}")
+    click.echo(f"console log    {report.console_log}")
+    if not report.result.ok:
+        click.echo(f"Error: the virtual node did not boot: {report.result.reason} ({report.console_log})",
+                   err=True)
+        raise SystemExit(1)
+    click.echo(f"OK: the virtual node {report.result.reason} via {report.result.mode} boot")
+
+
 COMMANDS = [virtual_group]
