@@ -127,7 +127,12 @@ class ArtifactSet:
         return int(fallback)
 
     def boot_sig(self, boot: FileInfo) -> bytes:
-        """The boot.sig matching `boot` (from the build if it matches, else signed once)."""
+        """The boot.sig of `boot`: the build's own; signed here once only when the set has none.
+
+        A build's boot.sig that does not match its boot.img means the artifact set was
+        altered after it was built: the server refuses (503) rather than sign whatever
+        boot.img it finds, so a tampered set never gets a valid signature from it.
+        """
         with self._sig_lock:
             cached = self._sigs.get(boot.sha256)
         if cached is not None:
@@ -138,14 +143,23 @@ class ArtifactSet:
         return sig
 
     def _build_sig_if_matching(self, boot: FileInfo) -> bytes | None:
+        path = self.directory / BOOT_SIG
         try:
-            data = (self.directory / BOOT_SIG).read_bytes()
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise ArtifactMissing(f"cannot read boot.sig: {exc.strerror}", str(path)) from None
+        try:
             parsed = parse_sig(data, str(BOOT_SIG))
-        except (OSError, FormatError):
-            return None
+        except FormatError as exc:
+            raise ArtifactMissing(f"the artifact set's boot.sig is malformed: {exc.what}", str(path),
+                                  "rebuild the set; `fwbuild verify` checks it") from None
         if parsed.sha256 != boot.sha256 or parsed.rsa2048 is None:
-            log.warning("artifact boot.sig does not match boot.img (or is unsigned): signing here")
-            return None
+            log.error("artifact set altered: boot.sig does not match boot.img; refusing to serve it")
+            raise ArtifactMissing("boot.sig does not match boot.img: the artifact set was altered "
+                                  "after it was built", str(path),
+                                  "rebuild it with `fwbuild build`; `fwbuild verify` shows what differs")
         return data
 
     def _cached_or_signed(self, boot: FileInfo) -> bytes:

@@ -57,6 +57,7 @@ class SiteOptions:
     work: Path                # state, sshd files, node images, console logs
     default_mode: str = "enforced"
     cache: Cache | None = None
+    http_entrypoint_port: int | None = None  # nodes' HTTP_PORT: a proxy in front (default: the server)
 
 
 class VirtualSite:
@@ -104,7 +105,7 @@ class VirtualSite:
                 "enrollment_subnets": ["127.0.0.0/8"], "node_root": str(root),
                 "revoked_keys_file": str(self.sshd.revoked),
             },
-            "entrypoints": {"http": f"127.0.0.1:{port}", "ssh": f"{GUEST_ENTRYPOINT}:22",
+            "entrypoints": {"http": f"127.0.0.1:{self.options.http_entrypoint_port or port}", "ssh": f"{GUEST_ENTRYPOINT}:22",
                             "ssh_host_keys": [self.sshd.host_public_key.strip()]},
             "admin": {"listen": "127.0.0.1", "port": admin_port},
         })

@@ -28,7 +28,7 @@ from fwbuild.eeprom.assemble import verify_eeprom
 from fwbuild.eeprom.bootconf import parse_bootconf
 from fwbuild.eeprom.image import parse_image
 from fwbuild.keys import KeyPaths, load_boot_key
-from fwbuild.sign import parse_sig, verify_sig
+from fwbuild.sign import build_sig, parse_sig, verify_sig
 
 MAC = "dc:a6:32:aa:bb:cc"
 MAC12 = "dca632aabbcc"
@@ -363,3 +363,15 @@ def test_prefer_on_parser_errors(running: Any, prefer: str, kind: str) -> None:
     assert reply.status == 405 and reply.headers["content-type"].startswith(kind)
     assert reply.headers["allow"] == "GET, HEAD, POST"
     assert INSIDE  # loopback only
+
+
+def test_altered_artifact_set_is_never_signed(running: Any, server_env: dict[str, Path]) -> None:
+    """A build's boot.sig that no longer matches boot.img: refuse (503), never re-sign."""
+    port = running.port
+    assert enroll(port, MAC).status == 201
+    boot = server_env["artifacts"] / "bootimg" / "boot.img"
+    (boot.parent / "boot.sig").write_bytes(build_sig(b"the image that was built", 1700000000,
+                                                     key=load_boot_key(KeyPaths(server_env["keys"]).boot_key)))
+    reply = request(port, "GET", f"/walt-vpn/node/{MAC12}/boot.sig", headers={"Prefer": "errors=text-only"})
+    assert reply.status == 503
+    assert b"artifact set was altered" in reply.body
