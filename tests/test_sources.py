@@ -24,7 +24,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def log_message(self, *args: object) -> None:
         pass
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         if self.path == "/good.bin" or self.path == "/other.bin":
             body = PAYLOAD if self.path == "/good.bin" else PAYLOAD[::-1]
             self.send_response(200)
