@@ -3,7 +3,8 @@
 Each command parses its arguments, calls the core, prints the result. Core errors
 (`FwbuildError`) become `Error: <what> (<where>)` + `Hint:` on stderr and exit
 code 1 (failure) or 2 (bad usage, bad recipe). The commands live in one module
-per command group to keep modules short.
+per command group (`cmd_*.py`) to keep each module short; they import the core
+lazily so that `fwbuild eeprom edit` starts fast.
 """
 
 from __future__ import annotations
@@ -46,20 +47,18 @@ def main() -> None:
 
 
 def _register() -> None:
-    from . import commands_core
+    from . import (
+        cmd_bootimg,
+        cmd_eeprom,
+        cmd_initramfs,
+        cmd_recovery,
+        cmd_server,
+        cmd_virtual,
+        commands_core,
+    )
 
-    for command in commands_core.COMMANDS:
-        main.add_command(command)
-    # Optional command groups: each module exists once its part of the tool does.
-    import importlib
-
-    for name in ("eeprom", "initramfs", "bootimg", "recovery", "server", "virtual"):
-        try:
-            module = importlib.import_module(f".cmd_{name}", __name__)
-        except ModuleNotFoundError as exc:
-            if exc.name != f"{__name__}.cmd_{name}":
-                raise
-            continue
+    for module in (commands_core, cmd_eeprom, cmd_initramfs, cmd_bootimg, cmd_recovery, cmd_server,
+                   cmd_virtual):
         for command in module.COMMANDS:
             main.add_command(command)
 

@@ -9,17 +9,7 @@ from pathlib import Path
 import click
 
 from ..errors import UsageError
-from ..initramfs.builder import (
-    InitramfsSpec,
-    build_initramfs,
-    spec_from_recipe,
-    why,
-    write_initramfs,
-)
-from ..initramfs.cpio import COMPRESSIONS, decompress, detect_compression, read_cpio
-from ..recipe import load_recipe
 from ..sign import source_date_epoch
-from ..sources import Cache
 from ._common import BarProgress, existing_file
 
 
@@ -37,7 +27,7 @@ def initramfs_group() -> None:
 @click.option("--kernel-package", help="linux-image-* package the modules come from.")
 @click.option("--file", "files", multiple=True, metavar="DEST=HOSTPATH", help="Extra file (repeatable).")
 @click.option("--init", help="Init template: builtin:NAME or a path to a jinja2 template.")
-@click.option("--compression", type=click.Choice(COMPRESSIONS), help="Default: zstd.")
+@click.option("--compression", type=click.Choice(("zstd", "gzip", "none")), help="Default: zstd.")
 @click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path),
               help="Output file (default with a recipe: out/<recipe>/initramfs/initramfs_2712).")
 def build_cmd(recipe: str | None, packages: tuple[str, ...], binaries: tuple[str, ...],
@@ -48,6 +38,15 @@ def build_cmd(recipe: str | None, packages: tuple[str, ...], binaries: tuple[str
     Options add to the recipe's lists (or replace its scalar values). The
     provenance of every path goes to OUT.provenance.json (read by `why`).
     """
+    from ..initramfs.builder import (
+        InitramfsSpec,
+        build_initramfs,
+        spec_from_recipe,
+        write_initramfs,
+    )
+    from ..recipe import load_recipe
+    from ..sources import Cache
+
     epoch = source_date_epoch()
     if recipe is not None:
         loaded = load_recipe(Path(recipe))
@@ -95,6 +94,8 @@ def build_cmd(recipe: str | None, packages: tuple[str, ...], binaries: tuple[str
 @click.option("--numeric/--names", default=True, help="Print uid/gid numbers (all 0 anyway).")
 def list_cmd(file: str, numeric: bool) -> None:
     """List FILE like `cpio -tv` (with sizes); zstd, gzip or uncompressed."""
+    from ..initramfs.cpio import decompress, detect_compression, read_cpio
+
     data = Path(file).read_bytes()
     method = detect_compression(data, file)
     entries = read_cpio(decompress(data, file))
@@ -121,6 +122,8 @@ def list_cmd(file: str, numeric: bool) -> None:
 @click.argument("path")
 def why_cmd(file: str, path: str) -> None:
     """Say which package and dependency chain pulled PATH into FILE (reads FILE.provenance.json)."""
+    from ..initramfs.builder import why
+
     chain = why(Path(file), path)
     click.echo(f"/{path.strip('/')}")
     for depth, reason in enumerate(chain):
