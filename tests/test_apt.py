@@ -101,3 +101,22 @@ def test_unknown_package_is_a_tool_error() -> None:
     with pytest.raises(ToolError) as info:
         session.resolve(["no-such-package-fwbuild"])
     assert "no-such-package-fwbuild" in str(info.value)
+
+
+@pytest.mark.slow  # apt-get waits on its own retries (about 15 s)
+def test_unreachable_repository_is_an_error_not_an_empty_universe(tmp_path: Path) -> None:
+    """apt-get update only warns when a repository fails; fwbuild names it and retries next time."""
+    from fwbuild.errors import SourceError
+    from fwbuild.initramfs.apt import AptSession
+    from fwbuild.recipe import AptRepository
+    from fwbuild.sources import Cache
+
+    keyring = Path(__file__).resolve().parent.parent / "recipes" / "keyrings" / "raspberrypi-archive-stable.gpg"
+    repo = AptRepository(uri="http://127.0.0.1:9/debian/", suite="bookworm", keyring=str(keyring))
+    session = AptSession(Cache(tmp_path / "cache"), [repo], host_sources=[])
+    with pytest.raises(SourceError) as info:
+        session.update()
+    assert "http://127.0.0.1:9/debian bookworm" in info.value.what
+    assert not (session.root / "lists.complete").exists()
+    with pytest.raises(SourceError):
+        session.update()  # tried again, not skipped

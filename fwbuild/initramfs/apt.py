@@ -137,6 +137,9 @@ class AptSession:
         return out
 
     def _run(self, tool: str, args: Sequence[str]) -> str:
+        return self._run_full(tool, args).stdout
+
+    def _run_full(self, tool: str, args: Sequence[str]) -> subprocess.CompletedProcess[str]:
         exe = shutil.which(tool)
         if exe is None:
             raise ToolError(f"{tool} not found", hint="fwbuild needs apt (a Debian or Ubuntu host)")
@@ -149,17 +152,33 @@ class AptSession:
                             + " / ".join(detail[-4:]),
                             shlex.join(command[:1] + list(args)),
                             "check the package names and the apt sources (see the message)")
-        return proc.stdout
+        return proc
 
     def update(self, *, force: bool = False, progress: Progress | None = None) -> None:
-        """Fetch the package lists unless this universe already has them."""
+        """Fetch the package lists unless this universe already has all of them.
+
+        `apt-get update` exits 0 when some repository could not be fetched (it only
+        warns); that is an error here, naming the repository, and the lists are not
+        marked complete, so the next run tries again instead of resolving against a
+        partial universe.
+        """
         self._prepare()
-        lists = self.root / "lists"
-        if not force and any(p.name.endswith("_Packages") or "_Packages." in p.name
-                             for p in lists.iterdir()):
+        complete = self.root / "lists.complete"
+        if not force and complete.is_file():
             return
+        complete.unlink(missing_ok=True)
         report(progress, "apt update", 0, 1)
-        self._run("apt-get", ["-q", "update"])
+        proc = self._run_full("apt-get", ["-q", "update"])
+        # "Err:3 http://archive.raspberrypi.com/debian bookworm InRelease" -> the repository part.
+        failed = sorted({line.split(None, 1)[1] for line in (proc.stdout + proc.stderr).splitlines()
+                         if line.startswith("Err:") and " " in line})
+        if failed:
+            raise SourceError(f"apt could not fetch the package lists: {failed[0]}"
+                              + (f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""),
+                              "apt-get update",
+                              "the repository is unreachable from this machine; build where it can be "
+                              "reached (the pins in manifest.json tell what to expect)")
+        atomic_write(complete, b"")
         report(progress, "apt update", 1, 1)
 
     def resolve(self, packages: Sequence[str]) -> list[PinnedPackage]:
