@@ -8,13 +8,15 @@ root -> switch_root -> the root's marker on the serial console.
 
 Addresses: the server and sshd listen on 127.0.0.1 only. The guest runs with QEMU
 `restrict=on` user networking; its one way out is the guestfwd rule that maps the SSH
-entrypoint `10.0.2.100:22` (inside QEMU) to the sshd on the host's loopback.
+entrypoint `10.0.2.100:22` (inside QEMU) to the sshd on the host's loopback, through a
+`busybox nc` relay spawned per connection.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import urllib.parse
 import urllib.request
 from collections.abc import Callable
@@ -23,11 +25,12 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
+from fwbuild.errors import ToolError
 from fwbuild.fsutil import atomic_write
 from fwbuild.keys import KeyPaths
 from fwbuild.sources import Cache
 from fwbuild.virtual.node import NodeOptions, NodeResult, boot_node
-from fwbuild.virtual.rootfs import MARKER, build_tiny_root
+from fwbuild.virtual.rootfs import MARKER, build_root_image, build_tiny_root
 from fwbuild.virtual.sshd import TestSshd, free_port
 
 from .config import load_config
@@ -58,6 +61,8 @@ class SiteOptions:
     default_mode: str = "enforced"
     cache: Cache | None = None
     http_entrypoint_port: int | None = None  # nodes' HTTP_PORT: a proxy in front (default: the server)
+    root_image: bool = True   # export the root as an ext4 image (loop over sshfs: a second read
+                              # never crosses the network) rather than as a directory
 
 
 class VirtualSite:
@@ -92,6 +97,12 @@ class VirtualSite:
         if not root.exists():
             self.log("building the node's tiny arm64 root (busybox)")
             build_tiny_root(root, self.options.cache or Cache.default())
+        exported = root
+        if self.options.root_image:
+            exported = work / "export" / "images" / "root.img"
+            if not exported.exists():
+                exported.parent.mkdir(parents=True, exist_ok=True)
+                build_root_image(root, exported)
         keys = KeyPaths(self.options.keys_dir)
         self.sshd = TestSshd(work / "sshd", ca_public_key=keys.ssh_ca_pub.read_text()).start()
         self.log(f"sshd entrypoint on 127.0.0.1:{self.sshd.port} (guest: {GUEST_ENTRYPOINT}:22)")
@@ -102,7 +113,7 @@ class VirtualSite:
                 "artifacts": str(self.options.artifacts), "state_dir": str(work / "state"),
                 "keys_dir": str(self.options.keys_dir),
                 "default_boot_mode": self.options.default_mode,
-                "enrollment_subnets": ["127.0.0.0/8"], "node_root": str(root),
+                "enrollment_subnets": ["127.0.0.0/8"], "node_root": str(exported),
                 "revoked_keys_file": str(self.sshd.revoked),
             },
             "entrypoints": {"http": f"127.0.0.1:{self.options.http_entrypoint_port or port}", "ssh": f"{GUEST_ENTRYPOINT}:22",
@@ -151,9 +162,14 @@ class VirtualSite:
              marker: str = MARKER, max_restarts: int = 2, name: str = "boot",
              extra_cmdline: str = "") -> NodeResult:
         assert self.sshd is not None
+        # `cmd:` spawns a relay per guest connection (a `tcp:` chardev connects once, at
+        # QEMU start, so a reconnecting node would find it gone).
+        relay = shutil.which("busybox")
+        if relay is None:
+            raise ToolError("busybox not found (the guest's SSH relay)", hint="install busybox-static")
         options = NodeOptions(eeprom=eeprom, workdir=self.options.work / "runs" / name, sd=sd,
                               timeout=timeout, marker=marker, max_restarts=max_restarts,
-                              guestfwd=(f"tcp:{GUEST_ENTRYPOINT}:22-tcp:127.0.0.1:{self.sshd.port}",),
+                              guestfwd=(f"tcp:{GUEST_ENTRYPOINT}:22-cmd:{relay} nc 127.0.0.1 {self.sshd.port}",),
                               extra_cmdline=extra_cmdline)
         return boot_node(options, log=self.log)
 

@@ -118,7 +118,7 @@ def test_happy_path_enroll_http_boot_tunnel_root(site_factory: Callable[..., Vir
     assert any("hash OK, RSA signature OK" in line for line in log)
     console = result.console  # type: ignore[attr-defined]
     assert "walt-vpn: ssh: authenticated to 10.0.2.100:22 as walt-vpn (certificate, pinned host key)" in console
-    assert "read-only (sshfs over the SSH connection)" in console
+    assert "root.img read-only (loop over sshfs)" in console
     assert MARKER in console
     # The server recorded what this node fetched.
     shown = _nodes(site, "show", "dc:a6:32:00:00:01", "--json")
