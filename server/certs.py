@@ -7,12 +7,8 @@ validity window. The CA private key never leaves this process and is never logge
 
 from __future__ import annotations
 
-import base64
 import fcntl
-import gzip
-import io
 import os
-import tarfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +26,13 @@ from cryptography.hazmat.primitives.serialization.ssh import (
 
 from fwbuild.errors import UsageError
 from fwbuild.fsutil import atomic_write
+from fwbuild.nodecreds import (
+    CERTIFICATE,
+    KNOWN_HOSTS,
+    PRIVATE_KEY,
+    pack_credential_files,
+    unpack_credential_files,
+)
 
 from .config import Endpoint, HostKey
 
@@ -137,41 +140,17 @@ def known_hosts(entrypoint: Endpoint, keys: Sequence[HostKey]) -> str:
     return "".join(f"{host} {key.line()}\n" for key in keys)
 
 
-def _tar_member(tar: tarfile.TarFile, name: str, data: bytes, mode: int) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mode = mode
-    info.mtime = 0
-    info.uid = info.gid = 0
-    info.uname = info.gname = "root"
-    tar.addfile(info, io.BytesIO(data))
-
-
 def build_creds(private_key: str | None, certificate: str, known_hosts_text: str) -> str:
-    """WALT_VPN_CREDS: base64 (no newline) of a reproducible tar.gz of the node's SSH files.
-
-    `id_ed25519` is left out when the node supplied its own public key (it keeps its key).
-    """
-    raw = io.BytesIO()
-    with tarfile.open(fileobj=raw, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        if private_key is not None:
-            _tar_member(tar, "id_ed25519", private_key.encode("ascii"), 0o600)
-        _tar_member(tar, "id_ed25519-cert.pub", (certificate + "\n").encode("ascii"), 0o644)
-        _tar_member(tar, "known_hosts", known_hosts_text.encode("ascii"), 0o644)
-    packed = gzip.compress(raw.getvalue(), compresslevel=9, mtime=0)
-    return base64.b64encode(packed).decode("ascii")
+    """WALT_VPN_CREDS for a node (`id_ed25519` left out when the node keeps its own key)."""
+    files = {CERTIFICATE: (certificate + "\n").encode("ascii"), KNOWN_HOSTS: known_hosts_text.encode("ascii")}
+    if private_key is not None:
+        files[PRIVATE_KEY] = private_key.encode("ascii")
+    return pack_credential_files(files)
 
 
 def read_creds(creds: str) -> dict[str, bytes]:
     """The files inside a WALT_VPN_CREDS value (tests, `nodes show`)."""
-    data = gzip.decompress(base64.b64decode(creds, validate=True))
-    files: dict[str, bytes] = {}
-    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-        for member in tar.getmembers():
-            handle = tar.extractfile(member)
-            if handle is not None:
-                files[member.name] = handle.read()
-    return files
+    return unpack_credential_files(creds)
 
 
 def write_revoked_keys(path: Path, revoked: Iterable[tuple[int, str, str]]) -> None:

@@ -13,12 +13,7 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
-import gzip
-import io
 import re
-import tarfile
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from importlib import resources
@@ -29,6 +24,14 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from ..errors import BuildError, ConfigError, FormatError
+from ..nodecreds import (
+    CERTIFICATE,
+    CREDENTIAL_FILES,
+    KNOWN_HOSTS,
+    PRIVATE_KEY,
+    pack_credential_files,
+    unpack_credential_files,
+)
 
 # What the VPN client needs from Debian (arm64): busybox for everything shell,
 # OpenSSH's client (certificates; dropbear has none) and sshfs (FUSE, SFTP).
@@ -38,7 +41,6 @@ VPN_PATHS = ("/bin/busybox", "/usr/bin/ssh", "/usr/bin/sshfs")
 # af_packet are built in there). A Pi 5 recipe lists its own (nvmem, macb, ...).
 VIRTUAL_MODULES = ("qemu_fw_cfg", "virtio_pci", "virtio_net", "fuse", "overlay", "tun", "loop")
 FW_CFG_NAME = "opt/fwbuild/bootconf"
-CREDENTIAL_FILES = ("id_ed25519", "id_ed25519-cert.pub", "known_hosts")
 _KEY_RE = re.compile(r"^[A-Z][A-Z0-9_]*$")
 
 
@@ -108,35 +110,16 @@ class NodeCredentials:
 
 def pack_credentials(creds: NodeCredentials) -> str:
     """WALT_VPN_CREDS: base64 (one line) of a reproducible tar.gz of the three files."""
-    raw = io.BytesIO()
-    with tarfile.open(fileobj=raw, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for name, data in zip(CREDENTIAL_FILES, (creds.private_key, creds.certificate,
-                                                 creds.known_hosts)):
-            info = tarfile.TarInfo(name)
-            info.size, info.mode, info.mtime = len(data), 0o600, 0
-            info.uname = info.gname = "root"
-            tar.addfile(info, io.BytesIO(data))
-    packed = gzip.compress(raw.getvalue(), compresslevel=9, mtime=0)
-    return base64.b64encode(packed).decode("ascii")
+    return pack_credential_files({PRIVATE_KEY: creds.private_key, CERTIFICATE: creds.certificate,
+                                  KNOWN_HOSTS: creds.known_hosts})
 
 
 def unpack_credentials(text: str, where: str = "WALT_VPN_CREDS") -> NodeCredentials:
-    try:
-        packed = base64.b64decode(text.strip(), validate=True)
-        raw = gzip.decompress(packed)
-        files: dict[str, bytes] = {}
-        with tarfile.open(fileobj=io.BytesIO(raw), mode="r:") as tar:
-            for member in tar.getmembers():
-                handle = tar.extractfile(member) if member.isfile() else None
-                if handle is not None:
-                    files[member.name] = handle.read()
-    except (binascii.Error, OSError, EOFError, tarfile.TarError, ValueError):
-        raise FormatError("not a base64 tar.gz of node credentials", where,
-                          "regenerate the node's EEPROM config") from None
+    files = unpack_credential_files(text, where)
     missing = [name for name in CREDENTIAL_FILES if name not in files]
     if missing:
         raise FormatError(f"node credentials lack {', '.join(missing)}", where)
-    return NodeCredentials(files["id_ed25519"], files["id_ed25519-cert.pub"], files["known_hosts"])
+    return NodeCredentials(files[PRIVATE_KEY], files[CERTIFICATE], files[KNOWN_HOSTS])
 
 
 def issue_node_credentials(ca: ed25519.Ed25519PrivateKey, key_id: str, known_hosts: str, *,
