@@ -7,12 +7,13 @@ under the same lock as the server, so it works whether or not the server runs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -30,11 +31,21 @@ def config_option(func: F) -> F:
         help="Server configuration (TOML).")(func)
 
 
-def _service(config_path: Path) -> Any:
+@contextlib.contextmanager
+def _service(config_path: Path) -> Iterator[Any]:
+    """The server's core on its state database (safe beside a running server), closed after use."""
     from server.config import load_config
     from server.service import Service
 
-    return Service(load_config(config_path))
+    service = Service(load_config(config_path))
+    try:
+        yield service
+    finally:
+        service.close()
+
+
+def _echo(info: Any, as_json: bool, text: str) -> None:
+    click.echo(json.dumps(info, indent=2, sort_keys=True) if as_json else text)
 
 
 @click.command("serve")
@@ -71,16 +82,10 @@ def _when(ts: int | None) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def nodes_list(config_path: Path, as_json: bool) -> None:
     """One line per node: MAC, VPN MAC, state, boot mode, last boot, expected EEPROM."""
-    service = _service(config_path)
-    try:
+    with _service(config_path) as service:
         nodes = [service.describe(n) for n in service.nodes()]
-    finally:
-        service.close()
-    if as_json:
-        click.echo(json.dumps(nodes, indent=2, sort_keys=True))
-        return
-    if not nodes:
-        click.echo("no node enrolled")
+    if as_json or not nodes:
+        _echo(nodes, as_json, "no node enrolled")
         return
     click.echo(f"{'MAC':17}  {'VPN MAC':17}  {'STATE':8}  {'MODE':11}  {'LAST BOOT':16}  EEPROM")
     for n in nodes:
@@ -96,13 +101,10 @@ def nodes_list(config_path: Path, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def nodes_show(mac: str, config_path: Path, as_json: bool) -> None:
     """Everything about one node: certificate, EEPROM digest, recent events."""
-    service = _service(config_path)
-    try:
+    with _service(config_path) as service:
         info = service.describe(service.node(mac), events=20)
-    finally:
-        service.close()
     if as_json:
-        click.echo(json.dumps(info, indent=2, sort_keys=True))
+        _echo(info, as_json, "")
         return
     cert = info["certificate"]
     for label, value in (
@@ -130,16 +132,10 @@ def nodes_show(mac: str, config_path: Path, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def nodes_set_mode(mac: str, mode: str, config_path: Path, as_json: bool) -> None:
     """Override a node's boot mode (`default`: follow the site). Its EEPROM digest changes at once."""
-    service = _service(config_path)
-    try:
+    with _service(config_path) as service:
         info = service.describe(service.set_mode(mac, None if mode == "default" else mode))
-    finally:
-        service.close()
-    if as_json:
-        click.echo(json.dumps(info, indent=2, sort_keys=True))
-    else:
-        click.echo(f"{info['mac']}: boot mode {info['boot_mode']}, "
-                   f"expected EEPROM {info['eeprom_digest']}")
+    _echo(info, as_json, f"{info['mac']}: boot mode {info['boot_mode']}, "
+                         f"expected EEPROM {info['eeprom_digest']}")
 
 
 @nodes_group.command("revoke")
@@ -148,16 +144,11 @@ def nodes_set_mode(mac: str, mode: str, config_path: Path, as_json: bool) -> Non
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def nodes_revoke(mac: str, config_path: Path, as_json: bool) -> None:
     """Revoke a node: its certificate goes to RevokedKeys, its boot paths answer 403."""
-    service = _service(config_path)
-    try:
+    with _service(config_path) as service:
         info = service.describe(service.revoke(mac))
-    finally:
-        service.close()
-    if as_json:
-        click.echo(json.dumps(info, indent=2, sort_keys=True))
-    else:
-        click.echo(f"{info['mac']}: revoked (certificate serial {info['certificate']['serial']}); "
-                   f"RevokedKeys: {service.config.revoked_keys_file}")
+        revoked_keys = service.config.revoked_keys_file
+    _echo(info, as_json, f"{info['mac']}: revoked (certificate serial {info['certificate']['serial']}); "
+                         f"RevokedKeys: {revoked_keys}")
 
 
 @nodes_group.command("forget")
@@ -166,18 +157,12 @@ def nodes_revoke(mac: str, config_path: Path, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def nodes_forget(mac: str, config_path: Path, as_json: bool) -> None:
     """Remove a node (its certificates stay revoked); it may then enroll again."""
-    service = _service(config_path)
-    try:
+    with _service(config_path) as service:
         node = service.node(mac)
         service.forget(mac)
-    finally:
-        service.close()
     from server.macs import colon_mac
 
-    if as_json:
-        click.echo(json.dumps({"forgotten": colon_mac(node.mac)}))
-    else:
-        click.echo(f"{colon_mac(node.mac)}: forgotten")
+    _echo({"forgotten": colon_mac(node.mac)}, as_json, f"{colon_mac(node.mac)}: forgotten")
 
 
 @click.group("entrypoint")
