@@ -98,6 +98,9 @@ class Bootimg:
     dtbs: tuple[str, ...] = ()
     cmdline: str = "console=serial0,115200 console=tty1"
     config: tuple[str, ...] = ()
+    # gzip the kernel when the package ships an uncompressed Image: the Pi firmware and
+    # QEMU both recognise gzip by its magic, and boot.img crosses the link at every boot.
+    compress_kernel: bool = True
 
 
 @dataclass(frozen=True)

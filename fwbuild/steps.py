@@ -185,11 +185,17 @@ def _kernel_and_dtbs(ctx: BuildContext) -> tuple[bytes, dict[str, bytes]]:
     return kernel.image.read_bytes(), dtbs
 
 
+GZIP_MAGIC = b"\x1f\x8b"
+
+
 def build_bootimg(ctx: BuildContext) -> None:
     from .bootimg.bootimg import boot_files, build_boot_image, sign_boot_image
+    from .initramfs.builder import compress_cached
 
     kernel, dtbs = _kernel_and_dtbs(ctx)
     section = ctx.recipe.bootimg
+    if section.compress_kernel and not kernel.startswith(GZIP_MAGIC):
+        kernel = compress_cached(kernel, "gzip", ctx.cache)
     files = boot_files(kernel, ctx.artifacts["initramfs/initramfs_2712"], dtbs, section.cmdline,
                        section.config, {}, kernel_name=section.kernel_name,
                        require_dtbs=ctx.recipe.recipe.target != "virtual")
