@@ -85,16 +85,20 @@ def _restore(ctx: BuildContext, key: str) -> bool:
     index = ctx.cache.root / "steps" / f"{key}.json"
     try:
         record = json.loads(index.read_text())
-    except (OSError, ValueError):
-        return False
-    blobs = {rel: ctx.cache.lookup(digest) for rel, digest in record["artifacts"].items()}
-    if any(path is None for path in blobs.values()):
-        return False
-    for rel, path in sorted(blobs.items()):
-        assert path is not None
-        ctx.add_artifact(rel, path.read_bytes())
-    ctx.packages.extend(record.get("packages", []))
-    ctx.scratch.update(record.get("scratch", {}))
+        blobs = {rel: (digest, ctx.cache.lookup(digest)) for rel, digest in record["artifacts"].items()}
+        packages, scratch = list(record.get("packages", [])), dict(record.get("scratch", {}))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False  # a damaged index is a cache miss
+    restored: dict[str, bytes] = {}
+    for rel, (digest, path) in sorted(blobs.items()):
+        data = path.read_bytes() if path is not None else b""
+        if path is None or hashlib.sha256(data).hexdigest() != digest:
+            return False  # a missing or altered blob is a cache miss
+        restored[rel] = data
+    for rel, data in restored.items():
+        ctx.add_artifact(rel, data)
+    ctx.packages.extend(packages)
+    ctx.scratch.update(scratch)
     return True
 
 
@@ -160,11 +164,11 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _clean_stale(builds: Path, name: str) -> None:
-    """Remove staging directories of builds that were killed."""
-    for stale in builds.glob(f".tmp-{name}-*"):
+def _clean_stale(builds: Path) -> None:
+    """Remove staging directories of builds of this recipe that were killed."""
+    for stale in builds.glob(".tmp-*"):
         try:
-            pid = int(stale.name.rsplit("-", 2)[-2])
+            pid = int(stale.name.split("-")[1])
         except (ValueError, IndexError):
             continue
         if not _pid_alive(pid):
@@ -172,22 +176,26 @@ def _clean_stale(builds: Path, name: str) -> None:
 
 
 def publish(stage: Path, out_root: Path, name: str, digest: str) -> Path:
-    """Make `out_root/name` point at the staged build, atomically; drop older builds of `name`."""
-    builds = out_root / BUILDS_DIR
-    final = builds / f"{name}-{digest[:16]}"
+    """Make `out_root/name` point at the staged build, atomically; drop older builds of `name`.
+
+    Builds live in `out_root/.builds/<name>/<digest>`: one folder per recipe, so no other
+    recipe's builds are ever touched.
+    """
+    builds = stage.parent
+    final = builds / digest[:16]
     if final.exists():
         shutil.rmtree(stage)
     else:
         os.rename(stage, final)
     link = out_root / name
     if link.is_dir() and not link.is_symlink():
-        os.rename(link, builds / f"{name}-previous-{os.getpid()}")
+        os.rename(link, builds / f"previous-{os.getpid()}")
     tmp_link = out_root / f".{name}.link-{os.getpid()}"
     tmp_link.unlink(missing_ok=True)
     os.symlink(os.path.relpath(final, out_root), tmp_link)
     os.replace(tmp_link, link)
-    for old in builds.glob(f"{name}-*"):
-        if old != final and old.is_dir():
+    for old in builds.iterdir():
+        if old != final and not old.name.startswith(".tmp-") and old.is_dir():
             shutil.rmtree(old, ignore_errors=True)
     return link
 
@@ -206,10 +214,11 @@ def build(recipe: Recipe, *, out_root: Path, keys_dir: Path, cache: Cache | None
     from .steps import STEPS  # the steps import the artifact modules; keep this module light
 
     cache = cache or Cache.default()
-    builds = out_root / BUILDS_DIR
+    builds = out_root / BUILDS_DIR / recipe.name
     builds.mkdir(parents=True, exist_ok=True)
-    _clean_stale(builds, recipe.name)
-    stage = Path(tempfile.mkdtemp(prefix=f".tmp-{recipe.name}-{os.getpid()}-", dir=builds))
+    _clean_stale(builds)
+    stage = Path(tempfile.mkdtemp(prefix=f".tmp-{os.getpid()}-", dir=builds))
+    os.chmod(stage, 0o755)  # published artifacts are public; a server may run as another user
     ctx = BuildContext(recipe=recipe, out_root=out_root, stage=stage, cache=cache,
                        keys=KeyPaths(keys_dir), epoch=source_date_epoch(recipe.recipe.source_date_epoch),
                        offline=offline, progress=progress)

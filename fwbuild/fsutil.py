@@ -32,6 +32,15 @@ def atomic_write(path: str | os.PathLike[str], data: bytes, mode: int = 0o644) -
         raise
 
 
+SECRET_MARKERS = (b"WALT_VPN_CREDS=",)
+
+
+def mode_for(*contents: bytes) -> int:
+    """0600 when any of `contents` carries node credentials (an EEPROM config with
+    WALT_VPN_CREDS, raw or inside an image), else 0644."""
+    return 0o600 if any(marker in data for data in contents for marker in SECRET_MARKERS) else 0o644
+
+
 def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

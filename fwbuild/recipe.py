@@ -271,6 +271,11 @@ def _check(recipe: Recipe) -> None:
                               "use an absolute path inside the initramfs, e.g. `/etc/motd`")
     if recipe.bootimg.kernel != "package":
         _check_source_ref(recipe.bootimg.kernel, recipe, "bootimg.kernel", ("package",))
+    elif not recipe.initramfs.kernel_package:
+        raise RecipeError("bootimg.kernel = \"package\" but no kernel package is named",
+                          "initramfs.kernel_package",
+                          "name it (e.g. linux-image-cloud-arm64), or pin a kernel source and use "
+                          "bootimg.kernel = \"source:<name>\"")
     if "\n" in recipe.bootimg.cmdline:
         raise RecipeError("cmdline must be one line", "bootimg.cmdline")
     if recipe.recovery.variant not in recipe.eeprom.variants:

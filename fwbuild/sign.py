@@ -22,6 +22,9 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from .errors import FormatError, SignatureError
 
 RSA_SIG_BYTES = 256
+MAX_TS = 0xFFFFFFFF  # the EEPROM update timestamp is 32-bit; .sig ts lines follow suit
+TIMESTAMP = "0 to 4294967295 (unix seconds)"
+_SOC = re.compile(r"^[0-9a-z]+$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _HEX512 = re.compile(r"^[0-9a-f]{512}$")
 
@@ -38,14 +41,13 @@ def source_date_epoch(default: int | None = None) -> int:
     """SOURCE_DATE_EPOCH when set, else `default`, else now."""
     value = os.environ.get("SOURCE_DATE_EPOCH")
     if value is not None and value.strip():
-        try:
-            return int(value)
-        except ValueError:
+        if not re.fullmatch(r"[0-9]{1,10}", value.strip()) or int(value) > MAX_TS:
             raise FormatError(
-                f"SOURCE_DATE_EPOCH is not an integer: {value!r}",
+                f"SOURCE_DATE_EPOCH is not a timestamp: {value!r}",
                 "environment",
-                "set it to unix seconds, e.g. SOURCE_DATE_EPOCH=$(git log -1 --format=%ct)",
-            ) from None
+                f"set it to {TIMESTAMP}, e.g. SOURCE_DATE_EPOCH=$(git log -1 --format=%ct)",
+            )
+        return int(value)
     return int(time.time()) if default is None else default
 
 
@@ -72,6 +74,10 @@ def build_sig(
     key: rsa.RSAPrivateKey | None = None,
 ) -> bytes:
     """The `.sig` file for `data`; with `key`, includes the `rsa2048:` line."""
+    if not 0 <= ts <= MAX_TS:
+        raise FormatError(f"timestamp {ts} out of range", "ts", f"use {TIMESTAMP}")
+    if target_soc is not None and not _SOC.match(target_soc):
+        raise FormatError(f"invalid target-soc {target_soc!r}", "target-soc", "e.g. 2712")
     lines = [hashlib.sha256(data).hexdigest(), f"ts: {int(ts)}"]
     if target_soc is not None:
         lines.append(f"target-soc: {target_soc}")
@@ -86,17 +92,20 @@ def parse_sig(text: bytes, where: str = ".sig") -> Sig:
         decoded = text.decode("ascii")
     except UnicodeDecodeError:
         raise FormatError("signature file is not ASCII text", where) from None
-    lines = decoded.splitlines()
+    if "\r" in decoded:
+        raise FormatError("signature file has CR line endings", where, "use LF line endings")
+    lines = decoded.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
     if not lines:
         raise FormatError("signature file is empty", where)
     if not _HEX64.match(lines[0]):
         raise FormatError("first line is not a 64-digit lowercase SHA-256", f"{where}:1")
     if len(lines) < 2 or not lines[1].startswith("ts: "):
         raise FormatError("second line must be `ts: <unix seconds>`", f"{where}:2")
-    try:
-        ts = int(lines[1][4:])
-    except ValueError:
-        raise FormatError("`ts:` is not an integer", f"{where}:2") from None
+    if not re.fullmatch(r"[0-9]{1,10}", lines[1][4:]):
+        raise FormatError("`ts:` is not an integer", f"{where}:2")
+    ts = int(lines[1][4:])
     target_soc: str | None = None
     rsa2048: bytes | None = None
     for number, line in enumerate(lines[2:], start=3):

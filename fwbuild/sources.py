@@ -64,9 +64,12 @@ class Cache:
         if existing:
             return digest, existing
         fd, name = tempfile.mkstemp(dir=self._tmpdir())
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        return digest, self._commit(Path(name), digest)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+            return digest, self._commit(Path(name), digest)
+        finally:
+            Path(name).unlink(missing_ok=True)
 
     def store_file(self, path: Path, expected_sha256: str | None = None) -> tuple[str, Path]:
         """Copy a local file into the cache (checked against `expected_sha256` when given)."""
@@ -101,7 +104,9 @@ def fetch_url(cache: Cache, url: str, sha256: str, *, size: int = 0, progress: P
     try:
         getter = session or requests
         try:
-            response = getter.get(url, stream=True, timeout=FETCH_TIMEOUT)
+            # identity: Content-Length then counts the bytes we hash (no transparent gzip)
+            response = getter.get(url, stream=True, timeout=FETCH_TIMEOUT,
+                                  headers={"Accept-Encoding": "identity"})
         except requests.RequestException as exc:
             raise SourceError(f"cannot fetch: {type(exc).__name__}", url,
                               "check the network, or seed the cache offline with `fwbuild fetch RECIPE --import DIR`") from None

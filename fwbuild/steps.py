@@ -89,8 +89,13 @@ def site_values(ctx: BuildContext) -> dict[str, object]:
 
 
 def _template_texts(ctx: BuildContext) -> dict[str, str]:
-    return {variant: resolve_path(ctx.recipe, path).read_text()
-            for variant, path in ctx.recipe.eeprom.templates.items()}
+    texts = {}
+    for variant, path in ctx.recipe.eeprom.templates.items():
+        try:
+            texts[variant] = resolve_path(ctx.recipe, path).read_text("utf-8")
+        except UnicodeDecodeError:
+            raise BuildError("bootconf template is not UTF-8 text", f"eeprom.templates.{variant}: {path}") from None
+    return texts
 
 
 def eeprom_inputs(ctx: BuildContext) -> Mapping[str, str]:

@@ -59,6 +59,9 @@ def verify_output(out_dir: Path, key: rsa.RSAPublicKey | None = None) -> VerifyR
         raise FormatError(f"file not listed in the manifest: {extra[0]}", str(out_dir / extra[0]))
     data: dict[str, bytes] = {}
     for rel, entry in sorted(artifacts.items()):
+        if not isinstance(entry, dict) or rel.startswith("/") or ".." in Path(rel).parts:
+            raise FormatError(f"manifest entry {rel!r} is not a relative path with sha256 and size",
+                              str(out_dir / MANIFEST))
         path = out_dir / rel
         try:
             blob = path.read_bytes()
@@ -74,11 +77,12 @@ def verify_output(out_dir: Path, key: rsa.RSAPublicKey | None = None) -> VerifyR
     for rel in sorted(r for r in data if r.endswith("/pieeprom.bin")):
         image = data[rel]
         sig_rel = rel[: -len(".bin")] + ".sig"
-        if sig_rel in data:
-            sig = parse_sig(data[sig_rel], str(out_dir / sig_rel))
-            verify_sig(image, sig, where=str(out_dir / sig_rel))
-            if sig.target_soc != "2712":
-                raise SignatureError("pieeprom.sig lacks `target-soc: 2712`", str(out_dir / sig_rel))
+        if sig_rel not in data:
+            raise SignatureError("pieeprom.bin has no pieeprom.sig beside it", str(out_dir / rel))
+        sig = parse_sig(data[sig_rel], str(out_dir / sig_rel))
+        verify_sig(image, sig, where=str(out_dir / sig_rel))
+        if sig.target_soc != "2712":
+            raise SignatureError("pieeprom.sig lacks `target-soc: 2712`", str(out_dir / sig_rel))
         embedded = decode_pubkey_bin(parse_image(image).read_file("pubkey.bin"), f"{rel}: pubkey.bin")
         if signer is None:
             signer = embedded
@@ -118,7 +122,8 @@ def _verify_recovery(data: dict[str, bytes], rel: str, out_dir: Path, report: Ve
         raise FormatError(f"recovery archive holds {sorted(files)}, expected {sorted(expected)}", where)
     verify_sig(files["pieeprom.bin"], parse_sig(files["pieeprom.sig"], f"{where}: pieeprom.sig"),
                where=f"{where}: pieeprom.sig")
-    recovery_images = [r for r in data if r.startswith("eeprom/recovery/") and r.endswith(".bin")]
-    if recovery_images and files["pieeprom.bin"] != data[recovery_images[0]]:
-        raise SignatureError("the archive's pieeprom.bin is not the recovery variant", where)
-    report.ok(f"{rel}: members, pieeprom.sig and the recovery variant match")
+    variants = [r for r in data if r.startswith("eeprom/") and r.endswith("/pieeprom.bin")]
+    matching = [r for r in variants if data[r] == files["pieeprom.bin"]]
+    if variants and not matching:
+        raise SignatureError("the archive's pieeprom.bin is none of the set's EEPROM variants", where)
+    report.ok(f"{rel}: members and pieeprom.sig match ({matching[0] if matching else 'no variant in the set'})")

@@ -45,6 +45,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+
 from fwbuild.errors import RecipeError
 
 from . import BOOT_MODES
@@ -187,7 +190,7 @@ def parse_endpoint(text: str, default_port: int, where: str) -> Endpoint:
 
 
 def _parse_port_text(text: str, where: str) -> int:
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):
         raise RecipeError(f"port {text!r} is not a number", where)
     return _port(int(text), where, allow_zero=False)
 
@@ -211,6 +214,11 @@ def parse_host_keys(text: str, where: str) -> list[HostKey]:
             raise RecipeError("host key is not valid base64", f"{where}:{number}") from None
         if fields[index].encode() not in decoded[:64]:
             raise RecipeError("host key blob does not match its key type", f"{where}:{number}")
+        try:
+            serialization.load_ssh_public_key(f"{fields[index]} {blob}".encode())
+        except (ValueError, UnsupportedAlgorithm):
+            raise RecipeError("host key is not a complete SSH public key", f"{where}:{number}",
+                              "copy the whole line `ssh-keyscan` prints") from None
         key = HostKey(fields[index], blob)
         if key not in keys:
             keys.append(key)

@@ -122,6 +122,9 @@ class Database:
         if not path.exists():
             # The database holds node private keys: create it 0600 before SQLite touches it.
             os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+        # A restored or hand-made database keeps its mode: make it private (it holds node keys).
+        os.chmod(path.parent, 0o700)
+        os.chmod(path, 0o600)
         self._pool: queue.LifoQueue[sqlite3.Connection] = queue.LifoQueue(maxsize=pool_size)
         with self.connection() as conn:
             mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]

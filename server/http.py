@@ -34,6 +34,11 @@ MAX_BODY = 64 * 1024
 METHODS = ("GET", "HEAD", "POST")
 
 
+def _digits(text: str) -> bool:
+    """ASCII digits only (str.isdigit accepts '²', which int() refuses)."""
+    return text.isascii() and text.isdigit()
+
+
 @dataclass(frozen=True)
 class Request:
     method: str
@@ -149,8 +154,8 @@ def parse_range(header: str, size: int) -> tuple[int, int] | None | str:
     if unit.strip().lower() != "bytes" or "," in spec:
         return None  # other units and multiple ranges: serve the whole representation
     first, dash, last = spec.strip().partition("-")
-    if not dash or not (first.isdigit() or last.isdigit()) or not all(
-            p.isdigit() or p == "" for p in (first, last)) or max(len(first), len(last)) > 18:
+    if not dash or not (_digits(first) or _digits(last)) or not all(
+            _digits(p) or p == "" for p in (first, last)) or max(len(first), len(last)) > 18:
         return None
     if first == "":
         length = int(last)
@@ -251,7 +256,7 @@ class Handler(BaseHTTPRequestHandler):
             raise HttpError(411, "chunked request bodies are not accepted",
                             "send a Content-Length")
         if length_text is not None:
-            if not length_text.strip().isdigit() or len(self.headers.get_all(
+            if not _digits(length_text.strip()) or len(self.headers.get_all(
                     "Content-Length") or []) > 1:
                 self.close_connection = True
                 raise HttpError(400, "bad Content-Length")

@@ -73,6 +73,9 @@ def _ascii(payload: bytes, name: str) -> str:
         raise UsageError(f"field {name!r} is not ASCII", "body") from None
 
 
+PROXY_HEADERS = ("Forwarded", "X-Forwarded-For", "X-Real-IP", "Via")
+
+
 class NodeApp:
     """Dispatches `/walt-vpn/...` requests to the service."""
 
@@ -123,6 +126,11 @@ class NodeApp:
                             headers={"Allow": ", ".join(allowed)})
 
     def _require_enrollment_subnet(self, request: Request, what: str) -> None:
+        # A request that came through a reverse proxy (the HTTP entrypoint adds one of these
+        # headers) may come from anywhere, whatever the proxy's own address is.
+        if any(request.headers.get(h) is not None for h in PROXY_HEADERS):
+            raise Forbidden(f"{what} is not served through a proxy (the request carries a "
+                            "forwarding header)", hint="connect directly from the platform network (walt-net)")
         if not self.config.in_enrollment_subnets(request.client):
             raise Forbidden(f"{what} is only served to the enrollment subnets",
                             hint="connect from the platform network (walt-net)")

@@ -19,7 +19,7 @@ from fwbuild.recipe import parse_recipe
 from fwbuild.sources import Cache
 
 RECIPE = {"recipe": {"name": "demo", "target": "virtual", "source_date_epoch": 1767225600},
-          "site": {"http_host": "127.0.0.1"}}
+          "site": {"http_host": "127.0.0.1"}, "initramfs": {"kernel_package": "linux-image-cloud-arm64"}}
 
 
 def _steps(payload: bytes, calls: list[str]) -> list[Step]:
@@ -48,8 +48,9 @@ def test_publish_manifest_and_step_cache(tmp_path: Path, session_keys: Path) -> 
     assert calls == ["make"], "the second build takes the step's outputs from the cache"
     assert second.cached_steps == ("make",)
     assert (second.out_dir / "manifest.json").read_bytes() == (tmp_path / "out/demo/manifest.json").read_bytes()
-    builds = [p.name for p in (tmp_path / "out" / ".builds").iterdir()]
+    builds = [p.name for p in (tmp_path / "out" / ".builds" / "demo").iterdir()]
     assert len(builds) == 1, builds
+    assert (tmp_path / "out" / ".builds" / "demo" / builds[0]).stat().st_mode & 0o777 == 0o755
 
 
 def test_failed_step_keeps_previous_output(tmp_path: Path, session_keys: Path) -> None:
@@ -65,7 +66,7 @@ def test_failed_step_keeps_previous_output(tmp_path: Path, session_keys: Path) -
         build(recipe, out_root=tmp_path / "out", keys_dir=session_keys, cache=cache,
               steps=[Step("explode", explode)])
     assert (tmp_path / "out/demo/a/one.bin").read_bytes() == b"good"
-    leftovers = [p for p in (tmp_path / "out/.builds").iterdir() if p.name.startswith(".tmp-")]
+    leftovers = [p for p in (tmp_path / "out/.builds/demo").iterdir() if p.name.startswith(".tmp-")]
     assert leftovers == []
 
 
@@ -75,7 +76,8 @@ _KILLED_BUILD = textwrap.dedent("""
     from fwbuild.build import Step, build
     from fwbuild.recipe import parse_recipe
     from fwbuild.sources import Cache
-    recipe = parse_recipe({"recipe": {"name": "demo", "target": "virtual"}, "site": {"http_host": "127.0.0.1"}})
+    recipe = parse_recipe({"recipe": {"name": "demo", "target": "virtual"}, "site": {"http_host": "127.0.0.1"},
+                           "initramfs": {"kernel_package": "linux-image-cloud-arm64"}})
     def slow(ctx):
         ctx.add_artifact("a/one.bin", b"NEW-BUT-UNFINISHED")
         Path(sys.argv[3]).write_text("started")
@@ -105,5 +107,15 @@ def test_killed_build_leaves_previous_output_intact(tmp_path: Path, session_keys
     assert after == before
     # The next build cleans the dead build's staging directory.
     build(recipe, out_root=out, keys_dir=session_keys, cache=Cache(tmp_path / "cache"), steps=_steps(b"next", []))
-    assert [p for p in (out / ".builds").iterdir() if p.name.startswith(".tmp-")] == []
+    assert [p for p in (out / ".builds" / "demo").iterdir() if p.name.startswith(".tmp-")] == []
     assert (out / "demo/a/one.bin").read_bytes() == b"next"
+
+
+def test_builds_of_recipes_with_a_common_prefix_coexist(tmp_path: Path, session_keys: Path) -> None:
+    cache = Cache(tmp_path / "cache")
+    lab = parse_recipe({**RECIPE, "recipe": {**RECIPE["recipe"], "name": "demo-lab"}})
+    build(lab, out_root=tmp_path / "out", keys_dir=session_keys, cache=cache, steps=_steps(b"lab!", []))
+    build(parse_recipe(RECIPE), out_root=tmp_path / "out", keys_dir=session_keys, cache=cache,
+          steps=_steps(b"main", []))
+    assert (tmp_path / "out/demo-lab/a/one.bin").read_bytes() == b"lab!"
+    assert (tmp_path / "out/demo/a/one.bin").read_bytes() == b"main"

@@ -140,6 +140,15 @@ CASES: list[tuple[str, bytes, str, int]] = [
     ("revoked pieeprom.bin", _get(f"/walt-vpn/node/{REVOKED12}/pieeprom.bin"), INSIDE, 403),
     ("revoked creds", _get(f"/walt-vpn/node-conf/creds?mac={REVOKED12}"), INSIDE, 403),
     ("revoked re-enroll", _post(E, _enroll_body(mac=REVOKED12)), INSIDE, 403),
+    # Through a reverse proxy sitting inside the subnet: the secret endpoints refuse.
+    ("pieeprom.bin via proxy", _get(f"{N}/pieeprom.bin", "X-Forwarded-For: 203.0.113.9\r\n"), INSIDE, 403),
+    ("creds via proxy", _get(f"/walt-vpn/node-conf/creds?mac={MAC12}", "Forwarded: for=203.0.113.9\r\n"),
+     INSIDE, 403),
+    ("enroll via proxy", _post(E, _enroll_body(mac="dca632000077"))[:-len("mac=dca632000077")].replace(
+        b"\r\n\r\n", b"\r\nVia: 1.1 proxy\r\n\r\n") + b"mac=dca632000077", INSIDE, 403),
+    # Non-ASCII digits: str.isdigit() says yes, int() says no.
+    ("superscript length", _post(E, b"")[:-2].replace(b"Content-Length: 0", b"Content-Length: \xb2")
+     + b"\r\n", INSIDE, 400),
 ]
 
 

@@ -375,3 +375,11 @@ def test_altered_artifact_set_is_never_signed(running: Any, server_env: dict[str
     reply = request(port, "GET", f"/walt-vpn/node/{MAC12}/boot.sig", headers={"Prefer": "errors=text-only"})
     assert reply.status == 503
     assert b"artifact set was altered" in reply.body
+
+
+def test_non_ascii_digits_in_range_are_ignored(running: Any) -> None:
+    """'²'.isdigit() is True but int('²') fails: the Range is ignored, the file served whole."""
+    port = running.port
+    assert enroll(port, MAC).status == 201
+    reply = request(port, "GET", f"/walt-vpn/node/{MAC12}/boot.img", headers={"Range": "bytes=\xb2-"})
+    assert reply.status == 200

@@ -105,6 +105,7 @@ def test_unreachable_server_is_reported(cache: Cache) -> None:
 
 def _recipe(server: str) -> dict[str, object]:
     return {"recipe": {"name": "t", "target": "virtual"}, "site": {"http_host": "127.0.0.1"},
+            "initramfs": {"kernel_package": "linux-image-cloud-arm64"},
             "sources": {"blob": {"url": f"{server}/good.bin", "sha256": DIGEST},
                         "second": {"url": f"{server}/other.bin",
                                    "sha256": hashlib.sha256(PAYLOAD[::-1]).hexdigest()}}}

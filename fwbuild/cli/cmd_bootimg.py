@@ -62,7 +62,7 @@ def bootimg_extract(boot_img: str, path: str, out: Path | None) -> None:
               help="File name of the kernel in the image (config.txt gets kernel= otherwise).")
 @click.option("--key", "key_path", type=click.Path(path_type=Path), required=True,
               help="Boot-signing RSA-2048 private PEM (its pubkey.bin is in the EEPROM).")
-@click.option("--epoch", type=int, help="Timestamps (default: SOURCE_DATE_EPOCH, else now).")
+@click.option("--epoch", type=click.IntRange(0, 0xFFFFFFFF), help="Timestamps (default: SOURCE_DATE_EPOCH, else now).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Directory for boot.img and boot.sig.")
 def bootimg_build(kernel: str, initramfs: str, dtbs: tuple[str, ...], overlays: tuple[str, ...],

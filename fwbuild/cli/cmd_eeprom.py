@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from ..errors import UsageError
-from ..fsutil import atomic_write
+from ..fsutil import atomic_write, mode_for
 from ._common import existing_file
 
 
@@ -23,7 +23,7 @@ def _write_or_print(data: bytes, out: str | None) -> None:
         sys.stdout.buffer.write(data)
         sys.stdout.flush()
     else:
-        atomic_write(out, data)
+        atomic_write(out, data, mode_for(data))
 
 
 @click.group("eeprom")
@@ -87,7 +87,7 @@ def extract_cmd(image: str, name: str, out: str | None) -> None:
 @click.option("--sign-key", type=existing_file(),
               help="RSA-2048 private key PEM: writes bootconf.sig and pubkey.bin of this key.")
 @click.option("--cacert", type=existing_file(), help="DER CA certificate to store as cacert.der.")
-@click.option("--timestamp", type=int, help="Update timestamp (also the bootconf.sig ts).")
+@click.option("--timestamp", type=click.IntRange(0, 0xFFFFFFFF), help="Update timestamp (also the bootconf.sig ts).")
 @click.option("--no-validate", is_flag=True, help="Do not check the config values (raw edit).")
 def edit_cmd(image: str, out: str, config: str | None, pubkey: str | None, sign_key: str | None,
              cacert: str | None, timestamp: int | None, no_validate: bool) -> None:
@@ -121,7 +121,8 @@ def edit_cmd(image: str, out: str, config: str | None, pubkey: str | None, sign_
         updates["pubkey.bin"] = encode_pubkey_bin(key.public_key())
     if cacert is not None:
         updates["cacert.der"] = _read(cacert)
-    atomic_write(out, replace_files(parsed.data, updates, timestamp=timestamp, image=parsed))
+    edited = replace_files(parsed.data, updates, timestamp=timestamp, image=parsed)
+    atomic_write(out, edited, mode_for(edited))
 
 
 @eeprom.command("verify")

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from ..errors import UsageError
-from ..fsutil import atomic_write
+from ..fsutil import atomic_write, mode_for
 from ..recovery.archive import (
     fake_recovery_bin,
     kit_files,
@@ -32,7 +32,7 @@ _virtual_option = click.option(
     "--virtual", is_flag=True,
     help="Use a FAKE recovery.bin (virtual tests only; it does nothing on a real board).")
 _epoch_option = click.option(
-    "--epoch", type=int, help="Timestamps (default: SOURCE_DATE_EPOCH, else now).")
+    "--epoch", type=click.IntRange(0, 0xFFFFFFFF), help="Timestamps (default: SOURCE_DATE_EPOCH, else now).")
 
 
 def _kit(from_archive: str | None, eeprom: str | None, recovery_bin: str | None, virtual: bool,
@@ -55,6 +55,12 @@ def _kit(from_archive: str | None, eeprom: str | None, recovery_bin: str | None,
     return kit_files(rbin, Path(eeprom).read_bytes(), ts), ts
 
 
+def _warn_if_secret(files: dict[str, bytes], out: Path) -> None:
+    if mode_for(files["pieeprom.bin"]) == 0o600:
+        click.echo(f"note: this EEPROM image carries node credentials (WALT_VPN_CREDS): {out} is "
+                   "private (0600) and this kit does not wipe them from the board", err=True)
+
+
 @click.group("recovery")
 def recovery_group() -> None:
     """Make the SD-card EEPROM recovery kit: archive, disk image, or write it to a card."""
@@ -72,7 +78,8 @@ def recovery_archive_cmd(eeprom: str | None, recovery_bin: str | None, virtual: 
     """Pack --eeprom IMAGE (any 2 MiB image, e.g. a node's) into a recovery .tar.gz."""
     files, ts = _kit(None, eeprom, recovery_bin, virtual, epoch)
     data = pack_tar_gz(files, ts)
-    atomic_write(out, data)
+    atomic_write(out, data, mode_for(files["pieeprom.bin"]))
+    _warn_if_secret(files, out)
     click.echo(f"wrote {out} ({len(data)} bytes): {', '.join(sorted(files))}")
 
 
@@ -89,6 +96,9 @@ def recovery_image_cmd(out: Path, from_archive: str | None, eeprom: str | None,
     files, ts = _kit(from_archive, eeprom, recovery_bin, virtual, epoch)
     image = recovery_disk_image(files, ts)
     report = write_kit(out, image)
+    if mode_for(files["pieeprom.bin"]) == 0o600 and out.is_file():
+        out.chmod(0o600)
+    _warn_if_secret(files, out)
     click.echo(f"wrote {out} ({report.bytes_written} bytes; sparse): "
                f"{', '.join(sorted(report.files))}")
 

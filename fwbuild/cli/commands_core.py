@@ -52,7 +52,7 @@ def sig_group() -> None:
 @click.option("--key", "key_path", type=click.Path(path_type=Path),
               help="RSA-2048 private PEM: adds the rsa2048 line.")
 @click.option("--target-soc", help="Add a `target-soc:` line (e.g. 2712).")
-@click.option("--timestamp", type=int, help="ts value (default: SOURCE_DATE_EPOCH, else now).")
+@click.option("--timestamp", type=click.IntRange(0, 0xFFFFFFFF), help="ts value (default: SOURCE_DATE_EPOCH, else now).")
 @click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path),
               help="Output file (default: FILE.sig, '-' for stdout).")
 def sig_create(file: str, key_path: Path | None, target_soc: str | None,

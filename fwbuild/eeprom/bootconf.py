@@ -360,11 +360,16 @@ def render_bootconf(variant: str, values: Mapping[str, Any], template_text: str 
         raise _fail(f"unknown bootconf variant {variant!r}", "variant", f"use one of {', '.join(VARIANTS)}")
     text = template_text if template_text is not None else _shipped(variant)
     context = _normalise(variant, values, custom=template_text is not None)
+    where = f"bootconf-{variant}.j2" if template_text is None else f"custom {variant} template"
+    template = _compile(text)
     try:
-        rendered = _compile(text).render(context)
+        rendered = template.render(context)
     except jinja2.UndefinedError as exc:
-        raise _fail(f"bootconf template uses an undefined value: {exc.message}",
-                    f"bootconf-{variant}.j2") from None
+        raise _fail(f"bootconf template uses an undefined value: {exc.message}", where) from None
+    except jinja2.TemplateError as exc:
+        raise _fail(f"bootconf template error: {exc}", where) from None
+    except Exception as exc:  # noqa: BLE001 - a template's own expression failed (e.g. 1/0)
+        raise _fail(f"bootconf template failed: {type(exc).__name__}: {exc}", where) from None
     validate_bootconf(rendered, f"bootconf.txt ({variant})")
     return rendered
 
