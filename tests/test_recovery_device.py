@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -163,3 +164,20 @@ def test_cli_write_on_fake_devices(tmp_path: Path, kit: dict[str, bytes], image:
     assert "SanDisk Ultra" in done.output and "ERASED" in done.output
     assert done.output.count("verified  ") == 4
     assert (root / "dev" / "sdz").read_bytes() == image
+
+
+@pytest.mark.parametrize("kind", ["fifo", "chardev", "missing-dev"])
+def test_refuses_targets_that_are_neither_disks_nor_files(tmp_path: Path, kind: str) -> None:
+    from fwbuild.errors import UsageError
+    from fwbuild.recovery.device import describe_target
+
+    if kind == "fifo":
+        target = tmp_path / "fifo"
+        os.mkfifo(target)
+    elif kind == "chardev":
+        target = Path("/dev/null")
+    else:
+        target = Path("/dev/fwbuild-no-such-card")
+    with pytest.raises(UsageError):
+        describe_target(target)
+    assert Path("/dev/null").exists() and not Path("/dev/fwbuild-no-such-card").exists()

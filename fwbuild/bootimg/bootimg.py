@@ -91,6 +91,9 @@ def boot_files(
     if not initramfs:
         raise BuildError("the initramfs is empty", INITRAMFS_NAME)
     _check_name(kernel_name, "kernel")
+    if kernel_name.lower() in ("config.txt", "cmdline.txt", INITRAMFS_NAME.lower()):
+        raise BuildError(f"kernel name {kernel_name!r} would replace another boot file", "kernel_name",
+                         "keep the default kernel_2712.img or choose another name")
     if not dtbs and require_dtbs:
         raise BuildError("no device tree (.dtb) given", "dtbs",
                          "ship every Pi 5 DTB, e.g. bcm2712-rpi-5-b.dtb and bcm2712d0-rpi-5-b.dtb")

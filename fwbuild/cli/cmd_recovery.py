@@ -93,6 +93,9 @@ def recovery_archive_cmd(eeprom: str | None, recovery_bin: str | None, virtual: 
 def recovery_image_cmd(out: Path, from_archive: str | None, eeprom: str | None,
                        recovery_bin: str | None, virtual: bool, epoch: int | None) -> None:
     """Write OUT, a disk image (MBR + FAT32 partition) for dd or Raspberry Pi Imager."""
+    if describe_target(out).block_device:
+        raise UsageError("`recovery image` writes image files; this is a disk", str(out),
+                         "use `fwbuild recovery write` to write a card (it shows what will be erased)")
     files, ts = _kit(from_archive, eeprom, recovery_bin, virtual, epoch)
     image = recovery_disk_image(files, ts)
     report = write_kit(out, image)

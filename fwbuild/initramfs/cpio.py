@@ -17,6 +17,7 @@ from __future__ import annotations
 import gzip
 import os
 import stat
+import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 
@@ -258,6 +259,6 @@ def decompress(data: bytes, where: str | None = None) -> bytes:
             return zstandard.ZstdDecompressor().decompressobj().decompress(data)
         if method == "gzip":
             return gzip.decompress(data)
-    except (OSError, EOFError, ValueError, zstandard.ZstdError) as exc:
+    except (OSError, EOFError, ValueError, zlib.error, zstandard.ZstdError) as exc:
         raise FormatError(f"corrupt {method} stream: {exc}", where) from None
     return data

@@ -165,6 +165,20 @@ class TargetInfo:
                 f"{parts}. EVERYTHING ON IT WILL BE ERASED.")
 
 
+def _check_plain_file_target(target: Path, where: str) -> None:
+    """Only a regular file (new or existing) outside /dev may be replaced by an image file:
+    never a FIFO, a character device, or a /dev/sdX that is not there (an unplugged card)."""
+    try:
+        st = os.stat(target)
+    except FileNotFoundError:
+        if Path(os.path.realpath(target)).parent == Path("/dev"):
+            raise UsageError("no such device", where, "is the card inserted? `lsblk` lists the disks") from None
+        return
+    if not stat.S_ISREG(st.st_mode):
+        raise UsageError("the target is neither a block device nor a regular file", where,
+                         "give the SD card's whole-disk device (e.g. /dev/sdX) or an image file path")
+
+
 def describe_target(target: Path, probe: DeviceProbe | None = None, *,
                     allow_non_removable: bool = False) -> TargetInfo:
     """Check that `target` may be overwritten and say what it holds; UsageError when refused."""
@@ -175,6 +189,7 @@ def describe_target(target: Path, probe: DeviceProbe | None = None, *,
         raise UsageError("the target is a directory", where, "give a device or an image file")
     name = probe.device_name(target)
     if name is None:
+        _check_plain_file_target(target, where)
         return TargetInfo(target, None)
     disk = probe.disk_of(name)
     if disk is None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import FwbuildError
-from ..fsutil import atomic_write
+from ..fsutil import atomic_write, mode_for
 from .bootloader import BootFailure, Bootloader, RecoveryFlash
 from .qemu import QemuConfig, UserNet, run_qemu
 
@@ -55,7 +55,7 @@ def boot_node(options: NodeOptions, log: Callable[[str], None] = lambda line: No
     except BootFailure as exc:
         return NodeResult(False, exc.what)
     if isinstance(selection, RecoveryFlash):
-        atomic_write(options.eeprom, selection.new_eeprom)
+        atomic_write(options.eeprom, selection.new_eeprom, mode_for(eeprom, selection.new_eeprom))
         digest = hashlib.sha256(selection.new_eeprom).hexdigest()
         return NodeResult(True, f"EEPROM flashed from the SD recovery kit (sha256 {digest[:16]}); "
                                 "remove the card and power-cycle", "recovery")
