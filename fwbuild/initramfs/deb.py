@@ -13,17 +13,19 @@ from __future__ import annotations
 
 import io
 import json
+import lzma
 import os
 import shutil
 import struct
 import tarfile
 import tempfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO
 
-from ..errors import FormatError
+from ..errors import FormatError, FwbuildError
 
 AR_MAGIC = b"!<arch>\n"
 # One ar member header: all fields ASCII, space padded.
@@ -183,7 +185,26 @@ def _iter_members(tar: tarfile.TarFile, where: str) -> Iterator[tuple[tarfile.Ta
 
 
 def extract_deb(data: bytes, dest: Path, where: str = ".deb") -> DebContents:
-    """Write the regular files of data.tar under `dest`; return control fields and all members."""
+    """Write the regular files of data.tar under `dest`; return control fields and all members.
+
+    A damaged archive (truncated stream, a file where a directory was, ...) is a FormatError
+    naming the package, never a raw decompressor or OS error.
+    """
+    try:
+        return _extract_deb(data, dest, where)
+    except FwbuildError:
+        raise
+    except (tarfile.TarError, OSError, EOFError, lzma.LZMAError, zlib.error, ValueError) as exc:
+        raise FormatError(f"damaged package archive: {type(exc).__name__}: {exc}", where,
+                          "delete the cached .deb (FWBUILD_CACHE) and build again") from None
+    except Exception as exc:  # zstandard.ZstdError, imported lazily with the zstd member
+        if type(exc).__name__ != "ZstdError":
+            raise
+        raise FormatError(f"damaged package archive: {type(exc).__name__}: {exc}", where,
+                          "delete the cached .deb (FWBUILD_CACHE) and build again") from None
+
+
+def _extract_deb(data: bytes, dest: Path, where: str) -> DebContents:
     members = parse_ar(data, where)
     control = read_control(data, where)
     out: list[DebMember] = []

@@ -152,9 +152,11 @@ class Tree:
                 raise BuildError(f"cannot read {source.path}: {exc.strerror}", f"/{path}") from None
             if not stat.S_ISREG(info.st_mode):
                 raise BuildError(f"{source.path} is not a regular file", f"/{path}")
-            mode = stat.S_IMODE(info.st_mode) if source.mode is None else source.mode
-            return CpioEntry(path, stat.S_IFREG | mode, data, mtime=int(info.st_mtime),
-                             ino=inode_of[path])
+            # Host modes and times depend on umask and on when the cache was filled:
+            # normalise them (0755 when any execute bit is set, else 0644; mtime = epoch).
+            host_mode = 0o755 if info.st_mode & 0o111 else 0o644
+            mode = host_mode if source.mode is None else source.mode
+            return CpioEntry(path, stat.S_IFREG | mode, data, mtime=epoch, ino=inode_of[path])
         if isinstance(source, Symlink):
             return CpioEntry(path, stat.S_IFLNK | 0o777, source.target.encode(), mtime=epoch)
         if isinstance(source, Dir):
