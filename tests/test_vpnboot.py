@@ -133,6 +133,12 @@ def test_config_from_fw_cfg_wins(tmp_path: Path) -> None:
     ("WALT_VPN_BOOT_MODE", "lenient", "WALT_VPN_BOOT_MODE must be enforced or permissive"),
     ("WALT_VPN_ENTRYPOINT", "host:ssh", "WALT_VPN_ENTRYPOINT port is not a number"),
     ("WALT_VPN_CREDS", "", "WALT_VPN_CREDS is missing"),
+    # Values that would reach ssh's ProxyCommand/ProxyJump (run through a shell).
+    ("WALT_VPN_HTTP_PROXY", "x;sh</dev/console;#:1", "WALT_VPN_HTTP_PROXY host has unexpected characters"),
+    ("WALT_VPN_HTTP_PROXY", "proxy.example.org", "WALT_VPN_HTTP_PROXY must be host:port"),
+    ("WALT_VPN_HTTP_PROXY", "proxy:80;id", "WALT_VPN_HTTP_PROXY port is not a number"),
+    ("WALT_VPN_PROXY_JUMP", "u@h$(id):22", "WALT_VPN_PROXY_JUMP is not [user@]host[:port]"),
+    ("WALT_VPN_PROXY_JUMP", "u@h:2x", "WALT_VPN_PROXY_JUMP port is not a number"),
 ])
 def test_bad_config_is_one_fatal_line(tmp_path: Path, key: str, value: str, message: str) -> None:
     good = {"WALT_VPN_MAC": "52:54:00:aa:bb:cc", "WALT_VPN_ENTRYPOINT": "10.0.2.2:22",
