@@ -88,6 +88,7 @@ def _read(path: Path, what: str) -> bytes:
 
 def load_boot_key(path: Path) -> rsa.RSAPrivateKey:
     data = _read(path, "boot-signing key")
+    check_private_mode(path)
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError):
@@ -103,6 +104,7 @@ def load_public_key(path: Path) -> rsa.RSAPublicKey:
     data = _read(path, "public key")
     try:
         if b"PRIVATE KEY" in data:
+            check_private_mode(path)
             private = serialization.load_pem_private_key(data, password=None)
             key: object = private.public_key()
         else:
@@ -116,6 +118,7 @@ def load_public_key(path: Path) -> rsa.RSAPublicKey:
 
 def load_ssh_ca(path: Path) -> ed25519.Ed25519PrivateKey:
     data = _read(path, "SSH CA key")
+    check_private_mode(path)
     try:
         key = serialization.load_ssh_private_key(data, password=None)
     except (ValueError, TypeError):

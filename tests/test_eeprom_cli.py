@@ -116,3 +116,23 @@ def test_edit_refuses_bad_input(image: Path, tmp_path: Path) -> None:
     assert code == 1
     code, _, err = run("inspect", str(tmp_path / "missing.bin"))
     assert code == 2
+
+
+def test_edit_config_of_a_signed_image_needs_the_sign_key(tmp_path: Path, session_keys: Path) -> None:
+    from fwbuild.keys import KeyPaths
+
+    runner = CliRunner()
+    base, signed, out = tmp_path / "base.bin", tmp_path / "signed.bin", tmp_path / "out.bin"
+    assert runner.invoke(main, ["eeprom", "synth", str(base)]).exit_code == 0
+    conf = tmp_path / "conf.txt"
+    conf.write_text("[all]\nBOOT_UART=1\nBOOT_ORDER=0xf41\n")
+    key = str(KeyPaths(session_keys).boot_key)
+    assert runner.invoke(main, ["eeprom", "edit", str(base), "--out", str(signed), "--config", str(conf),
+                                "--sign-key", key]).exit_code == 0
+    conf.write_text("[all]\nBOOT_UART=1\nBOOT_ORDER=0xf1\n")
+    stale = runner.invoke(main, ["eeprom", "edit", str(signed), "--out", str(out), "--config", str(conf)])
+    assert stale.exit_code == 2 and "stale signature" in stale.output and not out.exists()
+    resigned = runner.invoke(main, ["eeprom", "edit", str(signed), "--out", str(out), "--config", str(conf),
+                                    "--sign-key", key])
+    assert resigned.exit_code == 0
+    assert runner.invoke(main, ["eeprom", "verify", str(out), "--key", key]).exit_code == 0

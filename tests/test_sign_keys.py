@@ -88,7 +88,7 @@ def test_malformed_sig_files(text: bytes, problem: str) -> None:
         parse_sig(text)
 
 
-@given(st.binary(max_size=512), st.integers(min_value=0, max_value=2**32), st.sampled_from([None, "2712"]))
+@given(st.binary(max_size=512), st.integers(min_value=0, max_value=0xFFFFFFFF), st.sampled_from([None, "2712"]))
 def test_sig_round_trip(data: bytes, ts: int, soc: str | None) -> None:
     sig = parse_sig(build_sig(data, ts, target_soc=soc))
     assert (sig.ts, sig.target_soc, sig.rsa2048) == (ts, soc, None)
@@ -125,3 +125,45 @@ def test_ssh_ca_is_readable_by_openssh(session_keys: Path) -> None:
     out = subprocess.run(["ssh-keygen", "-y", "-f", str(KeyPaths(session_keys).ssh_ca)],
                          capture_output=True, text=True, check=True).stdout
     assert out.startswith("ssh-ed25519 ")
+
+
+def test_private_key_readable_by_others_is_refused(tmp_path: Path) -> None:
+    from fwbuild.keys import init_keys
+
+    keys = init_keys(tmp_path / "keys")
+    keys.boot_key.chmod(0o644)
+    (tmp_path / "f").write_bytes(b"x")
+    result = CliRunner().invoke(main, ["sig", "create", str(tmp_path / "f"), "--key", str(keys.boot_key)])
+    assert result.exit_code == 1
+    assert "readable by others" in result.output and "chmod 600" in result.output
+
+
+@pytest.mark.parametrize("args,problem", [
+    (["--timestamp", "-1"], "Invalid value"),
+    (["--timestamp", "4294967296"], "Invalid value"),
+    (["--target-soc", "2712\nrsa2048: 00"], "invalid target-soc"),
+])
+def test_sig_create_rejects_bad_fields(tmp_path: Path, args: list[str], problem: str) -> None:
+    (tmp_path / "f").write_bytes(b"x")
+    result = CliRunner().invoke(main, ["sig", "create", str(tmp_path / "f"), "--out", "-", *args])
+    assert result.exit_code != 0 and problem in result.output
+    assert "rsa2048: 00" not in result.output.split("Error")[0]
+
+
+def test_source_date_epoch_must_be_a_timestamp(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fwbuild.sign import source_date_epoch
+
+    for bad in ("-7", "+1_0", "1e9", "99999999999"):
+        monkeypatch.setenv("SOURCE_DATE_EPOCH", bad)
+        with pytest.raises(FormatError):
+            source_date_epoch()
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1767225600")
+    assert source_date_epoch() == 1767225600
+
+
+def test_parse_sig_is_strict_about_line_endings_and_digits() -> None:
+    digest = hashlib.sha256(b"").hexdigest().encode()
+    with pytest.raises(FormatError, match="CR line endings"):
+        parse_sig(digest + b"\r\nts: 1\r\n")
+    with pytest.raises(FormatError, match="not an integer"):
+        parse_sig(digest + b"\nts: +1_0\n")

@@ -121,6 +121,11 @@ def edit_cmd(image: str, out: str, config: str | None, pubkey: str | None, sign_
         updates["pubkey.bin"] = encode_pubkey_bin(key.public_key())
     if cacert is not None:
         updates["cacert.der"] = _read(cacert)
+    if config is not None and sign_key is None and parsed.has_file("bootconf.sig") \
+            and parsed.read_file("bootconf.sig").strip(b"\x00\xff"):
+        raise UsageError("the image's bootconf.sig signs its current config; the new config would "
+                         "be left with a stale signature", image,
+                         "re-sign with --sign-key PEM (the site's boot-signing key)")
     edited = replace_files(parsed.data, updates, timestamp=timestamp, image=parsed)
     atomic_write(out, edited, mode_for(edited))
 
