@@ -151,7 +151,7 @@ def build_initramfs_step(ctx: BuildContext) -> None:
     from .initramfs.builder import build_initramfs, spec_from_recipe
 
     spec = spec_from_recipe(ctx.recipe, epoch=ctx.epoch, variables=init_variables(ctx))
-    result = build_initramfs(spec, ctx.cache, ctx.progress)
+    result = build_initramfs(spec, ctx.cache, ctx.progress, offline=ctx.offline)
     ctx.add_artifact("initramfs/initramfs_2712", result.data)
     ctx.add_artifact("initramfs/initramfs_2712.provenance.json",
                      (json.dumps(result.provenance_document(), indent=1, sort_keys=True) + "\n").encode())
@@ -177,7 +177,7 @@ def _kernel_and_dtbs(ctx: BuildContext) -> tuple[bytes, dict[str, bytes]]:
         raise BuildError("bootimg.kernel = \"package\" but no initramfs.kernel_package",
                          "bootimg.kernel", "name the kernel package in [initramfs] kernel_package")
     kernel = stage_kernel(recipe.initramfs.kernel_package, ctx.cache, repositories=resolved_repositories(recipe),
-                          progress=ctx.progress)
+                          progress=ctx.progress, offline=ctx.offline)
     dtbs: dict[str, bytes] = {}
     for pattern in recipe.bootimg.dtbs:
         matches = [p for p in kernel.tree.nodes if p.endswith(".dtb")

@@ -120,3 +120,17 @@ def test_unreachable_repository_is_an_error_not_an_empty_universe(tmp_path: Path
     assert not (session.root / "lists.complete").exists()
     with pytest.raises(SourceError):
         session.update()  # tried again, not skipped
+
+
+def test_offline_session_never_fetches(tmp_path: Path) -> None:
+    from fwbuild.errors import SourceError
+    from fwbuild.initramfs.apt import AptSession
+    from fwbuild.recipe import AptRepository
+    from fwbuild.sources import Cache
+
+    keyring = Path(__file__).resolve().parent.parent / "recipes" / "keyrings" / "raspberrypi-archive-stable.gpg"
+    repo = AptRepository(uri="http://127.0.0.1:9/debian/", suite="bookworm", keyring=str(keyring))
+    session = AptSession(Cache(tmp_path / "cache"), [repo], host_sources=[], offline=True)
+    with pytest.raises(SourceError) as info:
+        session.update()  # port 9 would refuse: the point is that nothing is even tried
+    assert "offline" in info.value.what and "fwbuild fetch" in (info.value.hint or "")

@@ -159,6 +159,10 @@ def fetch_cmd(recipe: Path | None, overrides: tuple[str, ...], import_dir: Path 
         bar.close()
     for name, path in paths.items():
         click.echo(f"{name}: {path}")
+    if not offline:
+        from ..initramfs.builder import prefetch_packages
+
+        click.echo(f"{prefetch_packages(parsed, cache, bar)} arm64 package(s) in the cache")
     if refresh_apt:
         from ..initramfs.apt import AptSession
         from ..recipe import resolved_repositories

@@ -53,6 +53,10 @@ class PinnedPackage:
                 "filename": self.filename, "size": self.size}
 
 
+OFFLINE_HINT = ("on a connected machine run `fwbuild fetch RECIPE` (it also fetches the arm64 "
+                "packages), then copy its FWBUILD_CACHE directory to this one")
+
+
 def host_sources_text(paths: Sequence[Path] = HOST_SOURCES) -> list[tuple[str, str]]:
     """(file name, text) of the host's apt source files, sorted (one-line `.list` and deb822 `.sources`)."""
     found: list[tuple[str, str]] = []
@@ -77,8 +81,9 @@ class AptSession:
     """One private apt universe (arm64) keyed by the digest of its sources."""
 
     def __init__(self, cache: Cache, repositories: Sequence[AptRepository] = (),
-                 host_sources: Sequence[tuple[str, str]] | None = None) -> None:
+                 host_sources: Sequence[tuple[str, str]] | None = None, *, offline: bool = False) -> None:
         self.cache = cache
+        self.offline = offline
         sources = list(host_sources_text() if host_sources is None else host_sources)
         for index, repo in enumerate(repositories):
             if not Path(repo.keyring).is_file():
@@ -166,6 +171,9 @@ class AptSession:
         complete = self.root / "lists.complete"
         if not force and complete.is_file():
             return
+        if self.offline:
+            raise SourceError("offline and the cache holds no apt package lists for these repositories",
+                              str(self.root), OFFLINE_HINT)
         complete.unlink(missing_ok=True)
         report(progress, "apt update", 0, 1)
         proc = self._run_full("apt-get", ["-q", "update"])
@@ -253,6 +261,11 @@ class AptSession:
         """name -> cached .deb path, downloading the missing ones (checked against the pin)."""
         paths: dict[str, Path] = {}
         missing = [p for p in pins if self.cache.lookup(p.sha256) is None]
+        if missing and self.offline:
+            names = ", ".join(p.filename for p in missing[:5]) + (f" and {len(missing) - 5} more"
+                                                                  if len(missing) > 5 else "")
+            raise SourceError(f"offline and {len(missing)} package(s) missing from the cache: {names}",
+                              str(self.cache.root), OFFLINE_HINT)
         total = sum(p.size for p in missing)
         done = 0
         for pin in pins:

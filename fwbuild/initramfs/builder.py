@@ -125,9 +125,9 @@ def stage_packages(session: AptSession, cache: Cache, packages: Sequence[str],
 
 
 def stage_kernel(kernel_package: str, cache: Cache, *, repositories: Sequence[AptRepository] = (),
-                 progress: Progress | None = None) -> StagedKernel:
+                 progress: Progress | None = None, offline: bool = False) -> StagedKernel:
     """Fetch and stage a `linux-image-*` package (and the image it depends on), not its tools."""
-    session = AptSession(cache, repositories)
+    session = AptSession(cache, repositories, offline=offline)
     tree, pins = stage_packages(session, cache, [kernel_package], progress, keep=["linux-image-"])
     from .modules import find_modules_dir
 
@@ -136,6 +136,22 @@ def stage_kernel(kernel_package: str, cache: Cache, *, repositories: Sequence[Ap
     image = tree.host_path(kernel_image(tree, version))
     # The image and the modules come from the same package, staged under one root.
     return StagedKernel(version, image, image.parent.parent / moddir, tree, tuple(pins))
+
+
+def prefetch_packages(recipe: Recipe, cache: Cache, progress: Progress | None = None) -> int:
+    """Download (and stage) what a build of `recipe` takes from apt; return the package count.
+
+    The same calls as the build, so a cache filled here serves an `--offline` build.
+    """
+    repositories = resolved_repositories(recipe)
+    section = recipe.initramfs
+    _, pins = stage_packages(AptSession(cache, repositories), cache,
+                             section.packages or InitramfsSpec.packages, progress)
+    count = len(pins)
+    if section.kernel_package:
+        count += len(stage_kernel(section.kernel_package, cache, repositories=repositories,
+                                  progress=progress).packages)
+    return count
 
 
 def render_init(spec: InitramfsSpec, modules: ModuleSelection | None) -> bytes:
@@ -204,12 +220,13 @@ def _add_paths(tree: Tree, staged: StagedTree, spec: InitramfsSpec,
             tree.add(path, HostFile(staged.host_path(path), real_node.mode), reason)
 
 
-def build_initramfs(spec: InitramfsSpec, cache: Cache, progress: Progress | None = None) -> InitramfsResult:
+def build_initramfs(spec: InitramfsSpec, cache: Cache, progress: Progress | None = None, *,
+                    offline: bool = False) -> InitramfsResult:
     """Build the archive described by `spec` (downloads through `cache` when needed)."""
     if spec.compression not in COMPRESSIONS:
         raise BuildError(f"unknown compression {spec.compression!r}", "initramfs.compression",
                          f"use one of {', '.join(COMPRESSIONS)}")
-    session = AptSession(cache, spec.repositories)
+    session = AptSession(cache, spec.repositories, offline=offline)
     staged, pins = stage_packages(session, cache, spec.packages, progress)
     chains = dependency_chains(pins, spec.packages)
     tree = Tree()
@@ -229,7 +246,7 @@ def build_initramfs(spec: InitramfsSpec, cache: Cache, progress: Progress | None
             raise BuildError("kernel modules requested but no kernel package",
                              "initramfs.kernel_package", "set it, e.g. linux-image-cloud-arm64")
         kernel = stage_kernel(spec.kernel_package, cache, repositories=spec.repositories,
-                              progress=progress)
+                              progress=progress, offline=offline)
         kernel_pins = kernel.packages
         modules = select_modules(kernel.tree, spec.modules, kernel.version)
         for dest, data in sorted(modules.files.items()):
