@@ -92,8 +92,13 @@ class ArtifactSet:
             raise ArtifactMissing(f"{relative} is not in the artifact set", str(self.directory),
                                   "build it (`fwbuild build RECIPE`) or fix server.artifacts"
                                   ) from None
+        except OSError as exc:
+            raise ArtifactMissing(f"{relative} cannot be opened: {exc.strerror}", str(self.directory)) from None
         try:
             st, digest = self.digests.digest_fd(fd)
+        except OSError as exc:
+            os.close(fd)
+            raise ArtifactMissing(f"{relative} cannot be read: {exc.strerror}", str(self.directory)) from None
         except BaseException:
             os.close(fd)
             raise

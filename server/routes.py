@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import serialization
 
 from fwbuild.errors import UsageError
 
-from .artifacts import BOOT_IMG
+from .artifacts import BOOT_IMG, ArtifactMissing
 from .errors import Forbidden, HttpError, NotFound
 from .http import Request, Response
 from .macs import normalise_mac
@@ -111,7 +111,13 @@ class NodeApp:
         if rest == ("server",):
             return Response.text(self.config.hostname + "\n")
         if rest == ("revoked-keys",):
-            text = self.config.revoked_keys_file.read_text("ascii")
+            try:
+                text = self.config.revoked_keys_file.read_text("ascii")
+            except FileNotFoundError:
+                text = ""  # nothing revoked yet
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ArtifactMissing(f"cannot read the RevokedKeys file: {exc}",
+                                      str(self.config.revoked_keys_file)) from None
             return Response.text(text, headers=dict(REVALIDATE))
         if len(rest) == 2 and rest[0] == "node-conf" and rest[1] in self._conf:
             return self._conf[rest[1]](request)
