@@ -228,29 +228,28 @@ class Service:
 
     def revoke(self, mac: str) -> NodeRow:
         """Revoke the node's certificate (RevokedKeys) and refuse its boot paths (403)."""
-        node = self.node(mac)
-        now = int(time.time())
-        with self.db.transaction() as conn:
-            conn.execute("UPDATE certificates SET revoked_at = coalesce(revoked_at, ?) "
-                         "WHERE node_mac = ?", (now, node.mac))
-            conn.execute("UPDATE nodes SET state = 'revoked' WHERE mac = ?", (node.mac,))
-            self._event(conn, node.mac, "revoke", "revoked", "admin", now)
-        self.sync_revoked_keys()
-        self.renderer.forget(node.mac)
+        node = self._revoke_all(mac, "UPDATE nodes SET state = 'revoked' WHERE mac = ?",
+                                "revoke", "revoked")
         log.info("revoked %s (certificate serial %d)", colon_mac(node.mac), node.cert_serial)
         return self.node(node.mac)
 
     def forget(self, mac: str) -> None:
         """Remove the node (its certificates stay revoked forever)."""
+        self._revoke_all(mac, "DELETE FROM nodes WHERE mac = ?", "forget", "forgotten")
+
+    def _revoke_all(self, mac: str, node_update: str, event: str, result: str) -> NodeRow:
+        """Revoke every certificate of the node, apply `node_update` to its row (one
+        transaction), then rewrite RevokedKeys and drop its rendered image."""
         node = self.node(mac)
         now = int(time.time())
         with self.db.transaction() as conn:
             conn.execute("UPDATE certificates SET revoked_at = coalesce(revoked_at, ?) "
                          "WHERE node_mac = ?", (now, node.mac))
-            conn.execute("DELETE FROM nodes WHERE mac = ?", (node.mac,))
-            self._event(conn, node.mac, "forget", "forgotten", "admin", now)
+            conn.execute(node_update, (node.mac,))
+            self._event(conn, node.mac, event, result, "admin", now)
         self.sync_revoked_keys()
         self.renderer.forget(node.mac)
+        return node
 
     def record(self, node: NodeRow, artifact: str, result: str, client: str | None,
                boot: bool = False) -> None:
