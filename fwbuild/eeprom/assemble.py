@@ -77,7 +77,8 @@ def assemble_eeprom(
 def pieeprom_sig(image: bytes, timestamp: int) -> bytes:
     """The `pieeprom.sig` beside a recovery pieeprom.bin: hash, `ts:`, `target-soc: 2712`."""
     if len(image) != IMAGE_SIZE:
-        raise FormatError(f"EEPROM image is {len(image)} bytes, a 2712 image is {IMAGE_SIZE}")
+        raise FormatError(f"EEPROM image is {len(image)} bytes, not a {IMAGE_SIZE}-byte Raspberry Pi 5 (2712) image",
+                          hint="pieeprom.sig with `target-soc: 2712` is built for Raspberry Pi 5 images only")
     return build_sig(image, timestamp, target_soc=TARGET_SOC)
 
 
