@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from ..errors import ConfigError, FormatError, SignatureError
 from ..sign import build_sig, parse_sig, verify_sig
-from .bootconf import validate_bootconf
+from .bootconf import BootconfWarning, check_bootconf, validate_bootconf
 from .image import (
     IMAGE_SIZE,
     MODIFIABLE_FILES,
@@ -87,12 +87,14 @@ class EepromReport:
     """What `verify_eeprom` checked."""
 
     layout: str
+    soc: str  # "2711" (Raspberry Pi 4) or "2712" (Raspberry Pi 5)
     virtual: bool
     timestamp: int | None
     config_sha256: str
     settings: dict[str, str] = field(default_factory=dict)
     signed: bool = False  # bootconf.sig carries an rsa2048 line that verified
     pubkey_sha256: str | None = None  # SHA-256 of pubkey.bin (the OTP key hash), None if empty
+    warnings: tuple[BootconfWarning, ...] = ()  # bootconf.txt keys the bootloader ignores
 
 
 def _pubkey(image: EepromImage) -> tuple[bytes | None, rsa.RSAPublicKey | None]:
@@ -104,8 +106,9 @@ def _pubkey(image: EepromImage) -> tuple[bytes | None, rsa.RSAPublicKey | None]:
     return raw, decode_pubkey_bin(raw, "pubkey.bin")
 
 
-def verify_eeprom(image: bytes, key: rsa.RSAPublicKey | None = None) -> EepromReport:
+def verify_eeprom(image: bytes, key: rsa.RSAPublicKey | None = None, *, strict: bool = False) -> EepromReport:
     """Check structure, config and bootconf.sig (against pubkey.bin, and `key` when given).
+    Unknown config keys are warnings in the report (errors when `strict`).
 
     Raises FormatError / ConfigError / SignatureError with the reason.
     """
@@ -115,7 +118,8 @@ def verify_eeprom(image: bytes, key: rsa.RSAPublicKey | None = None) -> EepromRe
         text = config.decode("ascii")
     except UnicodeDecodeError:
         raise FormatError("bootconf.txt is not ASCII", "bootconf.txt") from None
-    settings = validate_bootconf(text)
+    checked = check_bootconf(text, strict=strict)
+    settings = checked.settings
     if "HTTP_CACERT_HASH" in settings:
         _check_cacert_hash(settings, parsed.read_file("cacert.der") if parsed.has_file("cacert.der") else None)
     raw_pub, pub = _pubkey(parsed)
@@ -142,12 +146,14 @@ def verify_eeprom(image: bytes, key: rsa.RSAPublicKey | None = None) -> EepromRe
             raise SignatureError("bootconf.sig has no rsa2048 line", "bootconf.sig")
     return EepromReport(
         layout=parsed.layout,
+        soc=parsed.soc,
         virtual=is_virtual(image),
         timestamp=read_timestamp(parsed),
         config_sha256=hashlib.sha256(config).hexdigest(),
         settings=settings,
         signed=signed,
         pubkey_sha256=pubkey_bin_digest(raw_pub) if raw_pub is not None else None,
+        warnings=checked.warnings,
     )
 
 
@@ -191,6 +197,8 @@ def inspect_image(data: bytes) -> dict[str, Any]:
         timestamp = None
     return {
         "size": len(data),
+        "soc": parsed.soc,
+        "board": "Raspberry Pi 5 (2712)" if parsed.soc == "2712" else "Raspberry Pi 4 (2711)",
         "layout": parsed.layout,
         "virtual": is_virtual(data),
         "timestamp": timestamp,
@@ -213,6 +221,8 @@ def diff_images(a: bytes, b: bytes) -> list[str]:
     pa, pb = parse_image(a), parse_image(b)
     ia, ib = inspect_image(a), inspect_image(b)
     lines: list[str] = []
+    if pa.soc != pb.soc:
+        lines.append(f"board: {ia['board']} -> {ib['board']}")
     if pa.layout != pb.layout:
         lines.append(f"layout: {pa.layout} -> {pb.layout}")
     config_a, config_b = ia["config"] or "", ib["config"] or ""
