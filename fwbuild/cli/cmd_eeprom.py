@@ -107,6 +107,7 @@ def edit_cmd(image: str, out: str, config: str | None, digest: str | None, pubke
              sign_key: str | None, cacert: str | None, timestamp: int | None, strict: bool,
              no_validate: bool) -> None:
     """Write a new image, like `rpi-eeprom-config IMAGE --config F [--digest SIG] [--pubkey PEM] --out OUT`."""
+    from ..eeprom.assemble import check_external_digest
     from ..eeprom.bootconf import check_bootconf
     from ..eeprom.image import parse_image, replace_files
     from ..eeprom.pubkey import encode_pubkey_bin
@@ -138,8 +139,8 @@ def edit_cmd(image: str, out: str, config: str | None, digest: str | None, pubke
         updates["bootconf.sig"] = build_sig(config_bytes, ts, key=key)
         updates["pubkey.bin"] = encode_pubkey_bin(key.public_key())
     if digest is not None:
-        updates["bootconf.sig"] = _checked_digest(parsed, _read(digest), digest, config_bytes,
-                                                  updates.get("pubkey.bin"))
+        updates["bootconf.sig"] = check_external_digest(parsed, _read(digest), config_bytes,
+                                                        updates.get("pubkey.bin"), digest)
     if cacert is not None:
         updates["cacert.der"] = _read(cacert)
     if config is not None and sign_key is None and digest is None and parsed.has_file("bootconf.sig") \
@@ -149,33 +150,6 @@ def edit_cmd(image: str, out: str, config: str | None, digest: str | None, pubke
                          "re-sign with --sign-key PEM (the site's boot-signing key) or give --digest SIG")
     edited = replace_files(parsed.data, updates, timestamp=timestamp, image=parsed)
     atomic_write(out, edited, mode_for(edited))
-
-
-def _checked_digest(parsed: Any, sig_bytes: bytes, where: str, config: bytes, new_pubkey: bytes | None) -> bytes:
-    """An external bootconf.sig, stored byte for byte as the reference's --digest does, once
-    its hash line matches the config and its rsa2048 line (if any) verifies with the
-    pubkey.bin the image will hold."""
-    from ..eeprom.pubkey import decode_pubkey_bin
-    from ..errors import SignatureError
-    from ..sign import parse_sig, verify_sig
-
-    sig = parse_sig(sig_bytes, where)
-    try:
-        verify_sig(config, sig, where=where)  # the hash line against the config
-    except SignatureError as exc:
-        raise SignatureError("the digest's hash line does not match the config", where,
-                             f"{exc.what}; make the digest from this exact config "
-                             "(rpi-eeprom-digest -i CONFIG -o SIG)") from None
-    if sig.rsa2048 is None:
-        return sig_bytes
-    raw = new_pubkey
-    if raw is None and parsed.has_file("pubkey.bin"):
-        raw = parsed.read_file("pubkey.bin")
-    if raw is None or not raw.strip(b"\x00\xff"):
-        raise SignatureError("the digest is RSA-signed but the image has no pubkey.bin to verify it", where,
-                             "give the public key with --pubkey PEM")
-    verify_sig(config, sig, decode_pubkey_bin(raw), require_rsa=True, where=where)
-    return sig_bytes
 
 
 @eeprom.command("verify")

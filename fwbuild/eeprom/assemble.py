@@ -74,6 +74,31 @@ def assemble_eeprom(
     return replace_files(base, updates, timestamp=timestamp, image=image)
 
 
+def check_external_digest(image: EepromImage, sig_bytes: bytes, config: bytes, new_pubkey: bytes | None,
+                          where: str = "bootconf.sig") -> bytes:
+    """An externally made bootconf.sig (rpi-eeprom-digest, an HSM), returned byte for byte
+    (the reference's `--digest` stores it as is) once its hash line matches `config` and
+    its rsa2048 line, if any, verifies with the pubkey.bin the image will hold (`new_pubkey`,
+    else the image's own). Raises FormatError / SignatureError."""
+    sig = parse_sig(sig_bytes, where)
+    try:
+        verify_sig(config, sig, where=where)
+    except SignatureError as exc:
+        raise SignatureError("the digest's hash line does not match the config", where,
+                             f"{exc.what}; make the digest from this exact config "
+                             "(rpi-eeprom-digest -i CONFIG -o SIG)") from None
+    if sig.rsa2048 is None:
+        return sig_bytes
+    raw = new_pubkey
+    if raw is None and image.has_file("pubkey.bin"):
+        raw = image.read_file("pubkey.bin")
+    if raw is None or _is_placeholder(raw):
+        raise SignatureError("the digest is RSA-signed but the image has no pubkey.bin to verify it", where,
+                             "give the public key with --pubkey PEM")
+    verify_sig(config, sig, decode_pubkey_bin(raw, "pubkey.bin"), require_rsa=True, where=where)
+    return sig_bytes
+
+
 def pieeprom_sig(image: bytes, timestamp: int) -> bytes:
     """The `pieeprom.sig` beside a recovery pieeprom.bin: hash, `ts:`, `target-soc: 2712`."""
     if len(image) != IMAGE_SIZE:

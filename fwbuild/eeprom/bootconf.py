@@ -344,11 +344,11 @@ def check_bootconf(text: str, where: str = "bootconf.txt", *, strict: bool = Fal
             continue
         if section in INACTIVE_SECTIONS:
             continue
-        key, sep, raw_value = line.rstrip(" ").partition("=") if "=" in line else (line, "", "")
+        key, sep, raw_value = line.partition("=")
         if not sep:
             raise _fail(f"line {line[:40]!r} is not KEY=VALUE", at)
         at = f"{at} {key}"
-        _check_line(key, line.partition("=")[2], at)
+        _check_line(key, raw_value, at)
         value = raw_value.rstrip(" ")
         if key not in KNOWN_KEYS and not (key in declared and not key.startswith("WALT_VPN_")):
             warnings.append(_unknown_key(key, at))
