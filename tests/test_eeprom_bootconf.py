@@ -293,3 +293,33 @@ def test_recipe_templates_are_validated_strictly() -> None:
     assert caught.value.hint == "did you mean WALT_VPN_MAC?"
     for variant in VARIANTS:  # the shipped templates pass strict validation
         check_bootconf(render_bootconf(variant, NODE), strict=True)
+
+
+def test_size_error_counts_comments() -> None:
+    text = "[all]\nBOOT_UART=1\n" + "# " + "c" * 4000 + "\nHDMI_DELAY=0\n" + "# more\n" * 10
+    with pytest.raises(ConfigError) as caught:
+        validate_bootconf(text)
+    assert "largest keys: comments (4073 B), HDMI_DELAY (13 B), BOOT_UART (12 B)" in str(caught.value)
+
+
+_line = st.one_of(
+    st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=40),
+    st.builds(lambda k, v: f"{k}={v}", st.sampled_from(["BOOT_ORDER", "HTTP_HOST", "HTTP_PATH", "WALT_VPN_MAC",
+                                                        "DHCP_TIMEOUT", "FREEZE_VERSION", "userdata0", "X"]),
+              st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=20)),
+    st.sampled_from(["[all]", "[none]", "[gpio8=0]", "[config.txt]", "[pi4", "#", "   "]),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(lines=st.lists(_line, max_size=12), strict=st.booleans())
+def test_any_text_gives_settings_or_a_config_error(lines: list[str], strict: bool) -> None:
+    text = "\n".join(lines) + "\n"
+    try:
+        result = check_bootconf(text, strict=strict)
+    except ConfigError as exc:
+        assert exc.where is not None and exc.where.startswith("bootconf.txt")
+        return
+    assert not (strict and result.warnings)
+    for key, value in result.settings.items():
+        assert f"{key}={value}" in text

@@ -273,6 +273,8 @@ def _size_error(text: str, size: int, where: str) -> ConfigError:
     sizes: dict[str, int] = {}
     for line in text.splitlines(keepends=True):
         key, sep, _ = line.partition("=")
+        if line.lstrip(" ").startswith("#"):
+            key, sep = "comments", "#"
         if sep:
             sizes[key.strip()] = sizes.get(key.strip(), 0) + len(line.encode("utf-8"))
     largest = sorted(sizes.items(), key=lambda kv: (-kv[1], kv[0]))[:3]
