@@ -323,3 +323,31 @@ def test_non_ab_edits_stay_in_the_reference_window(name: str, tmp_path: Path) ->
     edited = replace_files(marked, config)
     assert edited[0x150000:0x150004] == b"KEEP"
     assert edited == oracle(marked, config, tmp_path)
+
+
+@pytest.mark.parametrize("name", [*REAL, PI4_SIGNED])
+def test_inspect_verify_real_images(name: str, tmp_path: Path) -> None:
+    import json
+
+    source = tmp_path / "in.bin"
+    source.write_bytes(image(name))
+    code, printed, err = fwbuild("inspect", source, "--json")
+    assert code == 0, err
+    info = json.loads(printed)
+    soc = "2711" if "2711" in name or name.startswith("test_") else "2712"
+    assert info["soc"] == soc and info["virtual"] is False
+    assert info["board"] == {"2711": "Raspberry Pi 4 (2711)", "2712": "Raspberry Pi 5 (2712)"}[soc]
+    assert info["files"]["bootconf.txt"]["capacity"] == 4076
+    assert info["config"].encode() == parse_image(image(name)).read_file("bootconf.txt")
+    code, printed, err = fwbuild("verify", source, "--strict")
+    assert code == 0 and err == "" and printed.decode().startswith(f"OK: {source}: {soc} ")
+
+
+def test_diff_of_real_2711_images(tmp_path: Path) -> None:
+    a, b = tmp_path / "a.bin", tmp_path / "b.bin"
+    a.write_bytes(image(PI4_2019))
+    b.write_bytes(image(PI4_2019_FREEZE))
+    code, printed, _ = fwbuild("diff", a, b)
+    assert code == 1 and "  +FREEZE_VERSION=1" in printed.decode()
+    code, printed, _ = fwbuild("diff", a, a)
+    assert code == 0 and printed.decode().strip() == "identical"
