@@ -294,7 +294,7 @@ def _unknown_key(key: str, at: str) -> BootconfWarning:
     if key.upper() in KNOWN_KEYS:
         return BootconfWarning(what, at, f"keys are case-sensitive: did you mean {key.upper()}?")
     close = difflib.get_close_matches(key.upper(), candidates, n=1, cutoff=0.75)
-    hint = f"did you mean {close[0]}?" if close else "a custom key; --strict refuses keys that are not documented"
+    hint = f"did you mean {close[0]}?" if close else "no documented key is close; a custom key is kept, strict validation refuses it"
     return BootconfWarning(what, at, hint)
 
 
