@@ -351,3 +351,15 @@ def test_diff_of_real_2711_images(tmp_path: Path) -> None:
     assert code == 1 and "  +FREEZE_VERSION=1" in printed.decode()
     code, printed, _ = fwbuild("diff", a, a)
     assert code == 0 and printed.decode().strip() == "identical"
+
+
+def test_missing_file_names_what_the_image_has(tmp_path: Path) -> None:
+    source = tmp_path / "2019.bin"
+    source.write_bytes(image(PI4_2019))
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    out = tmp_path / "out.bin"
+    code, _, err = fwbuild("edit", source, "--pubkey", _pem(key, tmp_path / "k.pem"), "--out", out)
+    assert code == 1 and not out.exists()
+    assert err.splitlines() == [
+        "Error: no `pubkey.bin` file in the EEPROM image (pubkey.bin)",
+        "Hint: this Raspberry Pi 4 (2711) non-ab image has: bootconf.txt (older images lack the signed-boot files)"]

@@ -170,8 +170,12 @@ class EepromImage:
             if section.magic == FILE_MAGIC and section.name == name and start <= section.offset < end:
                 return section
         where = "partition A" if self.layout == "ab" else "image"
+        present = [s.name for s in self.sections
+                   if s.magic == FILE_MAGIC and start <= s.offset < end and s.name != AB_MARKER_NAME]
+        board = "Raspberry Pi 4 (2711)" if self.soc == "2711" else "Raspberry Pi 5 (2712)"
         raise FormatError(f"no `{name}` file in the EEPROM {where}", name,
-                          f"supported: {SUPPORTED_BOARDS}")
+                          f"this {board} {self.layout} image has: {', '.join(present) or 'no named files'}"
+                          " (older images lack the signed-boot files)")
 
     def has_file(self, name: str) -> bool:
         try:
