@@ -14,6 +14,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -325,8 +326,6 @@ def test_entrypoint_host_relays_only_to_the_server(site: Site) -> None:
 # -- the gate on its own: identity comes only from sshd ---------------------------------
 
 def _gate(tmp: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    import sys
-
     return subprocess.run([sys.executable, "-m", "server.gate", "--admin", "http://127.0.0.1:9",
                            "--root", str(tmp)], env={"PATH": os.environ["PATH"],
                            "PYTHONPATH": str(Path(__file__).resolve().parents[1]), **env},
@@ -364,3 +363,59 @@ def test_gate_needs_the_exposed_certificate(tmp_path: Path, session_keys: Path) 
     # A good certificate, the server down: exit 2 (the node backs off and retries).
     down = _gate(tmp_path, record(f"publickey {cert[0]} {cert[1]}\n"))
     assert down.returncode == 2 and "unreachable" in down.stderr, down.stderr
+
+
+# -- `fwbuild entrypoint ssh`: the same line, and an sshd drop-in sshd accepts -----------
+
+def test_entrypoint_ssh_scripts(tmp_path: Path, session_keys: Path) -> None:
+    import re
+
+    from click.testing import CliRunner
+    from test_server_support import write_config
+
+    from fwbuild.cli import main
+    from fwbuild.sshgate import gate_command, gate_line
+
+    config = write_config(tmp_path / "server.toml", artifacts=make_artifacts(tmp_path / "out", 4096),
+                          state=tmp_path / "state", keys=copy_keys(session_keys, tmp_path / "keys"),
+                          admin_port=8081)
+    result = CliRunner().invoke(main, ["entrypoint", "ssh", "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    script = result.output
+    assert subprocess.run(["sh", "-n"], input=script, text=True, check=False).returncode == 0
+    line = gate_line((tmp_path / "keys" / "ssh-ca.pub").read_text(), gate_command(
+        sys.executable, "http://127.0.0.1:8081", "/var/lib/walt/nodes/{mac12}/fs",
+        pythonpath=str(Path(__file__).resolve().parents[1])))
+    assert line.strip() in script.splitlines()  # the very line TestSshd uses (fwbuild.sshgate)
+    assert "restrict" not in line.split()[0]  # it would close the tunnel (OpenSSH >= 10.5)
+    # The Match drop-in: sshd accepts it, and it applies to walt-vpn only.
+    dropin = re.search(r"cat > \"\$conf.new\" <<'EOF'\n(.*?)\nEOF\n", script, re.DOTALL)
+    assert dropin is not None
+    (tmp_path / "dropin.conf").write_text(dropin.group(1).replace(
+        str(tmp_path / "state" / "revoked_keys"), str(tmp_path / "revoked")) + "\n")
+    (tmp_path / "revoked").write_text("")
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "hk")],
+                   check=True)
+    (tmp_path / "sshd_config").write_text(
+        f"Include {tmp_path / 'dropin.conf'}\nHostKey {tmp_path / 'hk'}\nX11Forwarding yes\n")
+
+    def effective(user: str) -> str:
+        return subprocess.run(["/usr/sbin/sshd", "-T", "-f", str(tmp_path / "sshd_config"), "-C",
+                               f"user={user},host=h,addr=127.0.0.1"], capture_output=True,
+                              text=True, check=True).stdout
+
+    gate = effective("walt-vpn")
+    for setting in ("exposeauthinfo yes", "permittunnel ethernet", "allowtcpforwarding no",
+                    "allowagentforwarding no", "x11forwarding no", "permittty no",
+                    f"revokedkeys {tmp_path / 'revoked'}"):
+        assert setting in gate.splitlines(), setting
+    other = effective("alice")
+    assert "exposeauthinfo no" in other.splitlines() and "x11forwarding yes" in other.splitlines()
+    # --forwarding-host: the relaying host's line (also fwbuild.sshgate).
+    relay = CliRunner().invoke(main, ["entrypoint", "ssh", "--forwarding-host", "--server-ssh",
+                                      "walt-server:2222", "--config", str(config)])
+    assert relay.exit_code == 0, relay.output
+    assert 'restrict,port-forwarding,permitopen="walt-server:2222"' in relay.output
+    refused = CliRunner().invoke(main, ["entrypoint", "ssh", "--server-ssh", "x:22",
+                                        "--config", str(config)])
+    assert refused.exit_code == 2 and "--forwarding-host" in refused.output
