@@ -32,6 +32,7 @@ VERSION = 3
 MAX_PACKET = 256 * 1024  # as OpenSSH's: its clients refuse longer answers
 MAX_READ = MAX_PACKET - 1024
 MAX_HANDLES = 256
+FLUSH_AT = 1 << 20  # answers queued before they are written (a burst of READs stays bounded)
 READDIR_BATCH = 100
 
 # packet types
@@ -161,9 +162,12 @@ class SftpServer:
         self.handles: dict[bytes, int | _Dir] = {}
         self.counter = 0
         self.out: list[bytes] = []
+        self.out_size = 0
+        self.wfd = 1
 
     # -- framing -------------------------------------------------------------------------
     def serve(self, rfd: int = 0, wfd: int = 1) -> None:
+        self.wfd = wfd
         buf = b""
         try:
             while True:
@@ -171,18 +175,23 @@ class SftpServer:
                 if not chunk:
                     return
                 buf += chunk
-                while len(buf) >= 4:
-                    length = struct.unpack_from(">I", buf)[0]
+                pos = 0
+                while len(buf) - pos >= 4:
+                    length = struct.unpack_from(">I", buf, pos)[0]
                     if length < 1 or length > MAX_PACKET:
                         raise BadMessage(f"packet length {length}")
-                    if len(buf) < 4 + length:
+                    if len(buf) - pos < 4 + length:
                         break
-                    packet, buf = buf[4:4 + length], buf[4 + length:]
+                    packet = buf[pos + 4:pos + 4 + length]
+                    pos += 4 + length
                     self._log_request(packet)
                     self._handle(packet)
-                self._flush(wfd)
+                    if self.out_size >= FLUSH_AT:
+                        self._flush()
+                buf = buf[pos:]
+                self._flush()
         except BadMessage:
-            self._flush(wfd)
+            self._flush()
         finally:
             for handle in list(self.handles.values()):
                 if isinstance(handle, int):
@@ -190,13 +199,14 @@ class SftpServer:
             if self.log is not None:
                 self.log.flush()
 
-    def _flush(self, wfd: int) -> None:
+    def _flush(self) -> None:
         if not self.out:
             return
         view = memoryview(b"".join(self.out))
         self.out.clear()
+        self.out_size = 0
         while view:
-            view = view[os.write(wfd, view):]
+            view = view[os.write(self.wfd, view):]
         if self.log is not None:
             self.log.flush()
 
@@ -214,6 +224,7 @@ class SftpServer:
     def _send(self, kind: int, payload: bytes) -> None:
         packet = struct.pack(">IB", len(payload) + 1, kind) + payload
         self.out.append(packet)
+        self.out_size += len(packet)
         if self.log is not None:
             self.log.write(f"S {kind} {len(packet)}\n".encode())
 
