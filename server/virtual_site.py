@@ -104,9 +104,12 @@ class VirtualSite:
                 exported.parent.mkdir(parents=True, exist_ok=True)
                 build_root_image(root, exported)
         keys = KeyPaths(self.options.keys_dir)
-        self.sshd = TestSshd(work / "sshd", ca_public_key=keys.ssh_ca_pub.read_text()).start()
-        self.log(f"sshd entrypoint on 127.0.0.1:{self.sshd.port} (guest: {GUEST_ENTRYPOINT}:22)")
         port, admin_port = free_port(), free_port()
+        # The node certificate's doors: the SSH gate reads the root and asks the admin API.
+        self.sshd = TestSshd(work / "sshd", ca_public_key=keys.ssh_ca_pub.read_text(),
+                             gate_root=str(exported),
+                             gate_admin=f"http://127.0.0.1:{admin_port}").start()
+        self.log(f"sshd entrypoint on 127.0.0.1:{self.sshd.port} (guest: {GUEST_ENTRYPOINT}:22)")
         toml = render_server_toml({
             "server": {
                 "listen": "127.0.0.1", "port": port, "hostname": "virtual-site",
