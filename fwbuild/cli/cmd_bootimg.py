@@ -27,7 +27,7 @@ def bootimg_list(boot_img: str) -> None:
     volume = read_fat(Path(boot_img).read_bytes(), boot_img)
     click.echo(volume.describe())
     for entry in volume.entries:
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(entry.mtime))
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(entry.mtime))
         size = "<dir>" if entry.is_dir else str(entry.size)
         click.echo(f"{size:>10}  {stamp}  {entry.path}{'/' if entry.is_dir else ''}")
 
