@@ -17,7 +17,6 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
@@ -128,6 +127,8 @@ def recipe_in_hints(recipe: Path) -> Iterator[None]:
 
 def format_epoch(ts: int) -> str:
     """An epoch with its date and zone: `1767225600 (2026-01-01 00:00:00 UTC)`."""
+    from datetime import UTC, datetime
+
     try:
         when = datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     except (OverflowError, OSError, ValueError):
