@@ -105,6 +105,10 @@ def write_failure(exc: OSError, option: str, path: Path | str, what: str = "cann
 
     reason = (exc.strerror or str(exc)).lower()
     hint = _WRITE_HINTS.get(exc.errno or 0)
+    if exc.errno in (errno.EEXIST, errno.ENOTDIR):
+        blocking = next((p for p in Path(path).parents if p.exists()), None)
+        if blocking is not None and not blocking.is_dir():
+            reason, hint = f"{blocking} is a file, not a directory", "choose another path"
     if hint is None and exc.errno == errno.ENOENT:
         parent = Path(path).parent
         hint = (f"{parent} takes no new files (a virtual file system such as /proc or /sys?): "

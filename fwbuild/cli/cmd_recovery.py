@@ -123,7 +123,11 @@ def recovery_archive_cmd(eeprom: str | None, recovery_bin: str | None, virtual: 
 def recovery_image_cmd(out: Path, from_archive: str | None, eeprom: str | None,
                        recovery_bin: str | None, virtual: bool, epoch: int | None, as_json: bool) -> None:
     """Write OUT, a disk image (MBR + FAT32 partition) for dd or Raspberry Pi Imager."""
-    if describe_target(out).block_device:
+    try:
+        is_disk = describe_target(out).block_device is not None
+    except OSError as exc:
+        raise write_failure(exc, "OUT", out) from None
+    if is_disk:
         raise UsageError("`recovery image` writes image files; this is a disk", str(out),
                          "use `fwbuild recovery write` to write a card (it shows what will be erased)")
     files, ts = _kit(from_archive, eeprom, recovery_bin, virtual, epoch)
@@ -170,7 +174,10 @@ def recovery_write_cmd(device: Path, from_archive: str | None, eeprom: str | Non
                          "check the target first without --json, then run again with --yes --json")
     files, ts = _kit(from_archive, eeprom, recovery_bin, virtual, epoch)
     probe = SysfsProbe(system_root)
-    info = describe_target(device, probe, allow_non_removable=allow_non_removable)
+    try:
+        info = describe_target(device, probe, allow_non_removable=allow_non_removable)
+    except OSError as exc:
+        raise write_failure(exc, "DEVICE", device) from None
     if as_json:
         note(info.describe())
     else:
