@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import tempfile
@@ -38,7 +39,12 @@ def atomic_write(path: str | os.PathLike[str], data: bytes, mode: int = 0o644) -
 
 
 def _about(exc: OSError, target: Path) -> OSError:
-    """The same error, naming the file the caller asked for, never the temp file."""
+    """The same error, naming the file the caller asked for, never the temp file (and, when a
+    part of the path is a file, which part)."""
+    if exc.errno in (errno.EEXIST, errno.ENOTDIR):
+        blocking = next((p for p in target.parents if p.exists()), None)
+        if blocking is not None and not blocking.is_dir():
+            return NotADirectoryError(errno.ENOTDIR, f"{blocking} is a file, not a directory", str(target))
     return type(exc)(exc.errno, exc.strerror, str(target)) if exc.errno else exc
 
 

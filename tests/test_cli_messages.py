@@ -95,6 +95,9 @@ def test_no_temp_file_name_in_errors(tmp_path: Path) -> None:
     assert f"(OUT {tmp_path}/afile/kit.img)" in out
     for leak in (".tmp", "fwbuild-tmp", ".part"):
         assert leak not in out
+    code, out = _run("eeprom", "synth", str(tmp_path / "afile/e.bin"))  # any atomic_write
+    assert code == 1
+    assert out == f"Error: {tmp_path}/afile is a file, not a directory ({tmp_path}/afile/e.bin)\n"
 
 
 def _free_port() -> int:

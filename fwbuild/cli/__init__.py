@@ -2,7 +2,9 @@
 
 Each command parses its arguments, calls the core, prints the result. Core errors
 (`FwbuildError`) become `Error: <what> (<where>)` + `Hint:` on stderr and exit
-code 1 (failure) or 2 (bad usage, bad recipe). The commands live in one module
+code 1 (failure) or 2 (bad usage, bad recipe); with a command's --json, one JSON
+object on stdout instead (same exit code). Global -q/-v and the progress display
+live in `_common.py`. The commands live in one module
 per command group (`cmd_*.py`) to keep each module short; they import the core
 lazily so that `fwbuild eeprom edit` starts fast.
 """
