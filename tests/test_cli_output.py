@@ -254,3 +254,42 @@ def test_completion_protocol_completes_a_command() -> None:
     result = subprocess.run([sys.executable, "-c", "from fwbuild.cli import main; main(prog_name='fwbuild')"],
                             env={**env, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, check=True)
     assert "plain,recovery" in result.stdout
+
+
+def test_admin_builds_eeprom_and_recovery_from_imported_firmware_without_packages(
+        tmp_path: Path, session_keys: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The walt-vpn recipe with its firmware pins replaced by ours: import, then a partial
+    offline build; the apt keyring (absent here) and the kernel packages are never needed."""
+    import hashlib
+    import re
+
+    from fwbuild.eeprom.synthetic import synthetic_image
+
+    monkeypatch.setenv("FWBUILD_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    firmware = {"pieeprom": synthetic_image("ab"), "recovery_bin": b"\x00recovery.bin stand-in" * 100}
+    text = (ROOT / "recipes/walt-vpn.toml").read_text()
+    for name, data in firmware.items():
+        (drop / f"{name}.bin").write_bytes(data)
+        text = re.sub(rf"(\[sources\.{name}\]\nurl = )\"[^\"]+\"\nsha256 = \"[0-9a-f]+\"\nsize = \d+",
+                      rf'\1"https://example.org/{name}.bin"\nsha256 = "{hashlib.sha256(data).hexdigest()}"'
+                      rf"\nsize = {len(data)}", text)
+    recipe = tmp_path / "walt-vpn.toml"
+    recipe.write_text(text)
+    runner = CliRunner()
+    imported = runner.invoke(main, ["fetch", str(recipe), "--import", str(drop), "--json"])
+    assert imported.exit_code == 0, imported.output
+    assert json.loads(imported.stdout)["imported"] == ["pieeprom", "recovery_bin"]
+    result = runner.invoke(main, ["build", str(recipe), "--only", "eeprom,recovery", "--offline",
+                                  "--keys", str(session_keys), "--out", "out"])
+    assert result.exit_code == 0, result.output
+    assert "built walt-vpn (steps: eeprom, recovery)" in result.output
+    assert not (tmp_path / "cache" / "apt").exists()
+    verified = runner.invoke(main, ["verify", "out/walt-vpn"])
+    assert verified.exit_code == 0, verified.output
+    assert "partial set: eeprom, recovery" in verified.output
+    full = runner.invoke(main, ["build", str(recipe), "--offline", "--keys", str(session_keys), "--out", "out"])
+    assert full.exit_code == 1
+    assert "apt repository keyring not found" in full.output
