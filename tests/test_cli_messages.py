@@ -263,3 +263,11 @@ def test_ambiguous_keys_dir_is_refused(tmp_path: Path, session_keys: Path,
             "(site/virtual.toml: keys.dir)") in out
     assert f"Hint: pass --keys {tmp_path}/keys (or set keys.dir to that absolute path" in out
     assert not (site / "keys").exists(), "nothing created"
+
+
+def test_keys_init_prints_the_absolute_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    code, out = _run("keys", "init", "k")
+    assert code == 0
+    assert out.startswith(f"creating the site keys in {tmp_path}/k\n")
+    assert f"boot-signing key: {tmp_path}/k/boot-signing.pem" in out

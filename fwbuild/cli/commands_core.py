@@ -34,6 +34,8 @@ def keys_group() -> None:
 @click.option("--force", is_flag=True, help="Replace existing keys (old signatures stop verifying).")
 def keys_init(directory: Path, force: bool) -> None:
     """Create boot-signing.pem (RSA-2048) and ssh-ca (ed25519) in DIRECTORY, mode 0600."""
+    directory = directory.resolve()
+    note(f"creating the site keys in {directory}")
     paths = keys_mod.init_keys(directory, force=force)
     click.echo(f"boot-signing key: {paths.boot_key} (public: {paths.boot_pub})")
     click.echo(f"SSH CA key:       {paths.ssh_ca} (public: {paths.ssh_ca_pub})")
