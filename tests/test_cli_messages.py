@@ -78,6 +78,9 @@ def test_out_in_proc_says_which_option_and_why(site: Path, tmp_path: Path) -> No
     assert code == 2
     assert "Error: cannot write the output: no such file or directory (--out /proc/kit.tar.gz)" in out
     assert ".tmp" not in out
+    code, out = _run("sig", "create", str(image), "--out", "/proc/e.sig")
+    assert code == 2
+    assert "Error: cannot write the output: no such file or directory (--out /proc/e.sig)" in out
 
 
 def test_no_temp_file_name_in_errors(tmp_path: Path) -> None:

@@ -119,6 +119,15 @@ def write_failure(exc: OSError, option: str, path: Path | str, what: str = "cann
 
 
 @contextmanager
+def writing(option: str, path: Path | str) -> Iterator[None]:
+    """Report a failed write of an output as `write_failure` (blaming `option PATH`)."""
+    try:
+        yield
+    except OSError as exc:
+        raise write_failure(exc, option, path) from None
+
+
+@contextmanager
 def recipe_in_hints(recipe: Path) -> Iterator[None]:
     """Hints written for any recipe say `fwbuild fetch RECIPE`: name the user's recipe file."""
     try:

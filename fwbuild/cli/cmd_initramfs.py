@@ -10,7 +10,7 @@ import click
 
 from ..errors import UsageError
 from ..sign import source_date_epoch
-from ._common import existing_file, progress_display
+from ._common import existing_file, progress_display, writing
 
 
 @click.group("initramfs")
@@ -78,7 +78,8 @@ def build_cmd(recipe: str | None, packages: tuple[str, ...], binaries: tuple[str
     started = time.monotonic()
     with progress_display("initramfs") as display:
         result = build_initramfs(spec, Cache.default(), progress=display)
-    sidecar = write_initramfs(result, out)
+    with writing("--out", out):
+        sidecar = write_initramfs(result, out)
     click.echo(f"{out}: {len(result.data)} bytes ({spec.compression}), "
                f"{result.uncompressed_size} uncompressed, {len(result.entries)} entries, "
                f"{len(result.packages)} packages pinned, {time.monotonic() - started:.1f} s")
