@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import shlex
 import sys
 import time
@@ -285,12 +286,12 @@ class Display:
 
 
 def display_mode(stream: IO[str] | None = None) -> str:
-    """live on a terminal (stdout and stderr both), plain lines otherwise, off with -q."""
+    """live on a terminal (stdout and stderr both; not TERM=dumb), plain lines otherwise, off with -q."""
     current = state()
     if current.quiet:
         return "off"
     stream = stream if stream is not None else sys.stderr
-    if current.json or not (_isatty(stream) and _isatty(sys.stdout)):
+    if current.json or not (_isatty(stream) and _isatty(sys.stdout)) or os.environ.get("TERM") == "dumb":
         return "plain"
     return "live"
 
