@@ -147,6 +147,7 @@ def fetch_url(cache: Cache, url: str, sha256: str, *, size: int = 0, progress: P
             total = int(response.headers.get("Content-Length") or size or 0) or None
             digest = hashlib.sha256()
             done = 0
+            report_bytes(progress, label, 0, total)  # the rate counts from the first request
             try:
                 for block in response.iter_content(_CHUNK):
                     digest.update(block)

@@ -232,6 +232,7 @@ def _file_hashes(image: bytes, where: str) -> dict[str, str]:
 def _write(fd: int, image: bytes, sparse: bool, progress: Progress | None) -> None:
     view = memoryview(image)
     zero = bytes(CHUNK)
+    report_bytes(progress, "write", 0, len(image))
     for offset in range(0, len(image), CHUNK):
         chunk = view[offset:offset + CHUNK]
         if not (sparse and chunk == zero[:len(chunk)]):  # a sparse file skips zero blocks
@@ -244,6 +245,7 @@ def _write(fd: int, image: bytes, sparse: bool, progress: Progress | None) -> No
 
 def _read_back(path: Path, size: int, progress: Progress | None) -> bytes:
     out = bytearray()
+    report_bytes(progress, "verify", 0, size)
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         if hasattr(os, "posix_fadvise"):
