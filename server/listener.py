@@ -1,0 +1,270 @@
+"""The HTTP listeners: uvicorn (httptools/llhttp parser) with what it lacks added here.
+
+uvicorn parses strictly (llhttp refuses header lines without a colon, `Transfer-Encoding`
+other than a final `chunked`, TE together with Content-Length, folded headers, bare LF),
+stops gracefully and runs a plain ASGI app. This module adds, in a protocol subclass:
+
+- a request deadline: the whole request (line, headers, body) must arrive within
+  `REQUEST_DEADLINE` seconds of the connection (or of the previous response), else the
+  connection is closed; a client trickling a byte every few seconds holds nothing for long;
+- a connection cap below the file-descriptor limit: at the cap, the longest-idle connection
+  (no request in progress) is closed to make room, so idle sockets can never lock out a
+  real client; when every connection is busy, the new one gets a 503;
+- zero-copy file bodies: the ASGI `http.response.zerocopysend` extension, sent with
+  `loop.sendfile` (os.sendfile) after the headers;
+- the raw request target in `scope["extensions"]["fwbuild.target"]` (the app refuses
+  absolute-form and odd targets itself) and parser errors in the app's error format.
+
+Both listeners run on one event loop in one background thread; `Listeners.stop()` is
+graceful within `STOP_GRACE` seconds whatever the clients do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import resource
+import socket
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import httptools
+import uvicorn
+from uvicorn.protocols.http import httptools_impl
+
+log = logging.getLogger("fwbuild.server.http")
+
+REQUEST_DEADLINE = 10.0  # seconds for a whole request to arrive
+KEEP_ALIVE = 5  # seconds an idle keep-alive connection stays open
+STOP_GRACE = 5  # seconds in-flight responses get at shutdown
+MAX_HEAD = 32 * 1024  # bytes of request line + headers
+MAX_CONNECTIONS = 512  # per listener; lowered to fit RLIMIT_NOFILE
+FD_RESERVE = 64  # descriptors kept free for files, the database and the other listener
+
+Asgi = Callable[[dict[str, Any], Callable[[], Awaitable[Any]],
+                 Callable[[dict[str, Any]], Awaitable[None]]], Awaitable[None]]
+
+
+def connection_cap(configured: int = MAX_CONNECTIONS) -> int:
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return configured
+    return max(16, min(configured, (soft - FD_RESERVE) // 2))
+
+
+class _Cycle(httptools_impl.RequestResponseCycle):
+    """uvicorn's request/response cycle plus `http.response.zerocopysend`."""
+
+    async def send(self, message: Any) -> None:
+        if message.get("type") != "http.response.zerocopysend":
+            await super().send(message)
+            return
+        if not self.response_started or self.response_complete:
+            raise RuntimeError("zerocopysend before http.response.start or after the end")
+        count = int(message["count"])
+        sent = 0
+        if self.scope["method"] != "HEAD" and not self.disconnected and count:
+            if count > self.expected_content_length:
+                raise RuntimeError("zerocopysend longer than Content-Length")
+            loop = asyncio.get_running_loop()
+            try:
+                sent = await loop.sendfile(self.transport, message["file"],
+                                           int(message.get("offset", 0)), count)
+            except (ConnectionError, OSError, RuntimeError) as exc:
+                log.debug("sendfile to %s stopped: %s", self.scope.get("client"), exc)
+                self.disconnected = True
+                self.transport.close()
+            message["sent"] = sent  # the app learns whether the whole body left
+            if sent != count:
+                self.disconnected = True
+                self.transport.close()
+                return
+            self.expected_content_length -= count
+        await super().send({"type": "http.response.body", "body": b"",
+                            "more_body": bool(message.get("more_body", False))})
+
+
+class Protocol(httptools_impl.HttpToolsProtocol):
+    """uvicorn's httptools protocol with a request deadline, a connection cap and sendfile."""
+
+    cap = MAX_CONNECTIONS
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._busy = False
+        self._in_head = True  # reading a request line and headers
+        self._head_bytes = 0
+        self._idle_since = time.monotonic()
+        self._deadline: asyncio.TimerHandle | None = None
+        self._arm()
+        if len(self.connections) > self.cap:
+            idle = [c for c in self.connections
+                    if isinstance(c, Protocol) and c is not self and not c._busy]
+            if idle:
+                oldest = min(idle, key=lambda c: c._idle_since)
+                log.info("connection cap %d reached: closing the longest-idle connection from %s",
+                         self.cap, oldest.client[0] if oldest.client else "?")
+                oldest.transport.close()
+            else:
+                log.warning("connection cap %d reached, every connection busy: 503", self.cap)
+                self._refuse(503, "too many connections", "retry in a few seconds")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._deadline = self.loop.call_later(REQUEST_DEADLINE, self._expired)
+
+    def _disarm(self) -> None:
+        if getattr(self, "_deadline", None) is not None:
+            assert self._deadline is not None
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _expired(self) -> None:
+        self._deadline = None
+        if not self.transport.is_closing():
+            log.info("%s: request not received within %.0f s: connection closed",
+                     self.client[0] if self.client else "?", REQUEST_DEADLINE)
+            self.transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        if self._in_head:
+            self._head_bytes += len(data)
+        super().data_received(data)
+        # Still in the head after MAX_HEAD bytes: llhttp would buffer without bound.
+        if self._in_head and self._head_bytes > MAX_HEAD and not self.transport.is_closing():
+            self._refuse(431, "request line and headers too large",
+                         f"keep them under {MAX_HEAD} bytes")
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._busy = True
+        self._in_head = True
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._head_bytes = 0
+        size = len(self.url) + sum(len(n) + len(v) + 4 for n, v in self.headers)
+        if size > MAX_HEAD:  # arrived in one piece: refuse before any routing
+            self._too_large = True
+            raise httptools.HttpParserError("request line and headers too large")
+        super().on_headers_complete()
+        cycle = self.cycle
+        if cycle is not None and type(cycle) is httptools_impl.RequestResponseCycle:
+            cycle.__class__ = _Cycle  # same state, plus the zerocopysend message
+        scope: dict[str, Any] = self.scope  # type: ignore[assignment]
+        extensions = scope.setdefault("extensions", {})
+        extensions["fwbuild.target"] = bytes(self.url)
+        extensions["http.response.zerocopysend"] = {}
+
+    def on_message_complete(self) -> None:
+        self._disarm()  # the whole request is in; the response has no deadline here
+        super().on_message_complete()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._busy = False
+        self._idle_since = time.monotonic()
+        if not self.transport.is_closing():
+            self._arm()
+
+    def send_400_response(self, msg: str) -> None:
+        if getattr(self, "_too_large", False):
+            self._refuse(431, "request line and headers too large",
+                         f"keep them under {MAX_HEAD} bytes")
+            return
+        self._refuse(400, "malformed HTTP request",
+                     "send one HTTP/1.1 request: `Name: value` header lines, Host, "
+                     "Content-Length (no Transfer-Encoding)")
+
+    def _refuse(self, status: int, what: str, hint: str) -> None:
+        body = (json.dumps({"status": status, "error": what, "hint": hint}, indent=2,
+                           sort_keys=True) + "\n").encode()
+        reason = {400: b"Bad Request", 431: b"Request Header Fields Too Large",
+                  503: b"Service Unavailable"}[status]
+        self.transport.write(
+            b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+            b"connection: close\r\n\r\n" % (status, reason, len(body)) + body)
+        self.transport.close()
+        log.info("%s - - %d %d (%s)", self.client[0] if self.client else "?", status,
+                 len(body), what)
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(1024)
+    except BaseException:
+        sock.close()
+        raise
+    sock.set_inheritable(False)
+    return sock
+
+
+class Listeners:
+    """uvicorn servers for several (socket, ASGI app) pairs on one loop in one thread."""
+
+    def __init__(self, apps: list[tuple[socket.socket, Asgi]], cap: int | None = None) -> None:
+        self._sockets = [s for s, _ in apps]
+        protocol = type("FwbuildProtocol", (Protocol,), {"cap": cap or connection_cap()})
+        self._servers = [uvicorn.Server(uvicorn.Config(
+            app, http=protocol, ws="none", lifespan="off", proxy_headers=False,
+            server_header=False, date_header=True, access_log=False, log_config=None,
+            timeout_keep_alive=KEEP_ALIVE, timeout_graceful_shutdown=STOP_GRACE,
+            backlog=1024)) for _, app in apps]
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._started = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="fwbuild-http", daemon=True)
+
+    @property
+    def ports(self) -> list[int]:
+        return [int(s.getsockname()[1]) for s in self._sockets]
+
+    def start(self) -> None:
+        self._thread.start()
+        while not self._started.wait(0.1):
+            if not self._thread.is_alive():
+                break
+        if self._error is not None:
+            raise self._error
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(self._main())
+        except BaseException as exc:  # noqa: BLE001 - reported by start()
+            self._error = exc
+            self._started.set()
+
+    async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        tasks = [asyncio.create_task(server.serve(sockets=[sock]))
+                 for server, sock in zip(self._servers, self._sockets)]
+        while not all(s.started for s in self._servers):
+            if any(t.done() for t in tasks):
+                break
+            await asyncio.sleep(0.01)
+        self._started.set()
+        await asyncio.gather(*tasks)
+        for server in self._servers:  # whatever outlived the grace period
+            for connection in list(server.server_state.connections):
+                transport = getattr(connection, "transport", None)
+                if transport is not None:
+                    transport.abort()
+
+    def stop(self) -> None:
+        """Stop accepting, close idle connections, give responses STOP_GRACE s, then close."""
+        for server in self._servers:
+            server.should_exit = True
+        self._thread.join(STOP_GRACE + 5)
+        for sock in self._sockets:
+            sock.close()
