@@ -286,3 +286,149 @@ def test_admin_refuses_non_loopback() -> None:
     assert not is_loopback("192.0.2.1") and not is_loopback("::ffff:192.0.2.1")
     assert host_is_loopback("localhost:8081") and host_is_loopback("[::1]:8081")
     assert not host_is_loopback("evil.example:8081")
+
+
+# -- connections: trickling, idle floods, stopping (a real `fwbuild serve` process) ------------
+
+class _Serve:
+    """`fwbuild serve` in a subprocess, optionally under RLIMIT_NOFILE."""
+
+    def __init__(self, root: Path, session_keys: Path, nofile: int | None = None,
+                 size: int = 65536) -> None:
+        import socket
+        import subprocess
+        import sys
+        import time
+
+        def free_port() -> int:
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                return int(sock.getsockname()[1])
+
+        self.port = free_port()
+        self.state = root / "state"
+        config = write_config(root / "server.toml", artifacts=make_artifacts(root / "out", size),
+                              state=self.state, keys=copy_keys(session_keys, root / "keys"),
+                              port=self.port, admin_port=free_port())
+
+        limit = (f"import resource; resource.setrlimit(resource.RLIMIT_NOFILE, ({nofile}, "
+                 f"{nofile})); " if nofile is not None else "")
+        self.log = root / "serve.log"
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", limit + "from fwbuild.cli import main; main()", "serve",
+                 "--config", str(config)], stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while True:
+            assert self.proc.poll() is None, self.log.read_text()
+            try:
+                if raw_request(self.port, _get("/walt-vpn/server"), timeout=5).status == 200:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "fwbuild serve did not start"
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(30)
+
+
+def _trickle(port: int, data: bytes, interval: float, source: str = INSIDE) -> tuple[int, bool]:
+    """Send `data` a byte every `interval` s; (bytes sent, server closed the connection)."""
+    import socket
+    import time
+
+    with socket.create_connection(("127.0.0.1", port), source_address=(source, 0)) as sock:
+        sock.settimeout(interval)
+        for sent in range(len(data)):
+            try:
+                sock.sendall(data[sent:sent + 1])
+                chunk = sock.recv(4096)  # waits `interval`
+            except TimeoutError:
+                continue
+            except OSError:
+                return sent, True
+            if not chunk:
+                return sent, True
+            time.sleep(0)  # an answer arrived: the server did not wait for the rest
+            return sent, True
+        return len(data), False
+
+
+def test_trickling_client_is_cut_off(populated: Any) -> None:
+    """A client sending a byte every 2 s never completes a request: the server closes the
+    connection (request deadline) long before the 60 s the request would take, and nothing
+    is written."""
+    database = populated.state / "fwbuild-server.sqlite3"
+    before = db_snapshot(database)
+    data = _get(f"{CREDS}?mac={MAC12}")[:30]
+    sent, closed = _trickle(populated.port, data, 2.0, NODE)
+    assert closed and sent < len(data)
+    assert db_snapshot(database) == before
+
+
+def test_idle_sockets_under_fd_limit(tmp_path: Path, session_keys: Path) -> None:
+    """1000 idle sockets against a server limited to 1024 descriptors: a normal GET is still
+    answered in < 1 s (the longest-idle connection is closed to make room) and the server
+    never runs out of descriptors."""
+    import os
+    import resource
+    import socket
+    import time
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip(f"this test process may open only {hard} descriptors")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 4096) if hard ==
+                                                resource.RLIM_INFINITY else min(hard, 4096),
+                                                hard))
+    server = _Serve(tmp_path, session_keys, nofile=1024)
+    sockets: list[socket.socket] = []
+    try:
+        database = server.state / "fwbuild-server.sqlite3"
+        before = db_snapshot(database)
+        for _ in range(1000):
+            sockets.append(socket.create_connection(("127.0.0.1", server.port), timeout=30))
+        t0 = time.monotonic()
+        reply = raw_request(server.port, _get("/walt-vpn/server"), timeout=30)
+        elapsed = time.monotonic() - t0
+        assert reply.status == 200
+        assert elapsed < 1.0, f"GET took {elapsed:.2f} s beside 1000 idle sockets"
+        assert server.proc.poll() is None
+        assert len(os.listdir(f"/proc/{server.proc.pid}/fd")) < 1024
+        assert "out of system resource" not in server.log.read_text()
+        assert db_snapshot(database) == before
+    finally:
+        for sock in sockets:
+            sock.close()
+        server.stop()
+
+
+def test_sigterm_with_trickling_and_stalled_clients(tmp_path: Path, session_keys: Path) -> None:
+    """SIGTERM while one client trickles its headers and another stalls mid-download of an
+    8 MB boot.img: the server exits 0 in < 10 s."""
+    import signal
+    import socket
+    import time
+
+    server = _Serve(tmp_path, session_keys, size=8 << 20)
+    try:
+        trickler = socket.create_connection(("127.0.0.1", server.port))
+        trickler.sendall(b"GET /walt-vpn/server HTTP/1.1\r\nHo")
+        staller = socket.create_connection(("127.0.0.1", server.port))
+        staller.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        staller.sendall(_get("/walt-vpn/boot/boot.img"))
+        assert staller.recv(16).startswith(b"HTTP/1.1 200")  # the download has started
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        code = server.proc.wait(30)
+        elapsed = time.monotonic() - t0
+        assert code == 0, server.log.read_text()[-2000:]
+        assert elapsed < 10, f"stopping took {elapsed:.1f} s"
+        trickler.close()
+        staller.close()
+    finally:
+        server.stop()
