@@ -18,6 +18,7 @@ import copy
 import math
 import os
 import random
+import signal
 import sys
 import tempfile
 import time
@@ -149,7 +150,7 @@ def target_sig() -> tuple[list[bytes], Callable[[bytes], None]]:
 
 
 def target_cpio() -> tuple[list[bytes], Callable[[bytes], None]]:
-    from fwbuild.initramfs.cpio import CpioEntry, read_cpio, write_cpio
+    from fwbuild.initramfs.cpio import CpioEntry, make_reproducible, read_cpio, write_cpio
 
     seeds = [write_cpio([CpioEntry(name="bin", mode=0o40755, nlink=2),
                          CpioEntry(name="bin/sh", mode=0o100755, data=b"#!/bin/sh\necho hi\n"),
@@ -161,8 +162,24 @@ def target_cpio() -> tuple[list[bytes], Callable[[bytes], None]]:
                   if p.is_file() and p.stat().st_size < 1 << 20][:4]
 
     def run(data: bytes) -> None:
-        read_cpio(data)
+        entries = read_cpio(data)
+        write_cpio(make_reproducible(entries, 1700000000))  # what the builder does next
     return seeds, run
+
+
+CPIO_FIELDS = [b"-0000001", b"+0000010", b" 0x00001", b"0000_010", b"ffffffff", b"7fffffff",
+               b"80000000", b"-7ffffff", b"00000000", b"0000000g", b"\x000000001"[:8]]
+
+
+def _mutate_cpio(data: bytes, rng: random.Random) -> bytes:
+    """Overwrite one header field (13 x 8 hex digits after each 070701) with a hostile one."""
+    starts = [i for i in range(len(data)) if data.startswith(b"070701", i)]
+    if not starts or rng.random() < 0.4:
+        return mutate(data, rng)
+    buf = bytearray(data)
+    at = rng.choice(starts) + 6 + 8 * rng.randrange(13)
+    buf[at:at + 8] = rng.choice(CPIO_FIELDS)
+    return bytes(buf)
 
 
 def target_eeprom() -> tuple[list[bytes], Callable[[bytes], None]]:
@@ -219,6 +236,17 @@ def _server_config_seed(tmp: Path) -> Path:
     return tmp / "seed.toml"
 
 
+HANG_SECONDS = 10
+
+
+class Hang(Exception):
+    """An input that took longer than HANG_SECONDS."""
+
+
+def _on_alarm(signum: int, frame: object) -> None:
+    raise Hang(f"no answer within {HANG_SECONDS} s")
+
+
 def fuzz(name: str, seeds: list[bytes], run: Callable[[bytes], None], count: int,
          rng: random.Random, structured: bool = False) -> dict[str, Any]:
     crashes: dict[str, str] = {}
@@ -240,9 +268,12 @@ def fuzz(name: str, seeds: list[bytes], run: Callable[[bytes], None], count: int
                 data = mutate(data, rng, 1)
         elif name == "eeprom":
             data = _mutate_eeprom(seed, rng)
+        elif name == "cpio":
+            data = _mutate_cpio(seed, rng)
         else:
             data = mutate(seed, rng)
         t0 = time.monotonic()
+        signal.alarm(HANG_SECONDS)  # a hang is a crash too
         try:
             run(data)
             accepted += 1
@@ -252,6 +283,8 @@ def fuzz(name: str, seeds: list[bytes], run: Callable[[bytes], None], count: int
             key = f"{type(exc).__name__}: {str(exc)[:80]}"
             if key not in crashes:
                 crashes[key] = traceback.format_exc(limit=4) + f"input: {data[:200]!r}\n"
+        finally:
+            signal.alarm(0)
         elapsed = time.monotonic() - t0
         if elapsed > slowest[0]:
             slowest = (elapsed, data[:80])
@@ -267,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default="eeprom,sig,cpio,recipe,server-config")
     args = parser.parse_args(argv)
     rng = random.Random(args.seed)
+    signal.signal(signal.SIGALRM, _on_alarm)
     from fwbuild.recipe import load_recipe
     from server.config import load_config
 

@@ -293,9 +293,9 @@ class WebApp:
             request.segments, request.query = split_path(target)
             request.body = await self._read_body(request, receive)
             route = self._route(request)
-            self._check_access(route, request)
             loop = asyncio.get_running_loop()
-            response = await loop.run_in_executor(self.executor, route.handler, request)
+            # Access check and handler in the pool: binding may read the neighbour table.
+            response = await loop.run_in_executor(self.executor, self._handle, route, request)
         except _Disconnected:
             return
         except FwbuildError as exc:
@@ -386,6 +386,10 @@ class WebApp:
         raise NotFound("no such resource",
                        hint="node routes live under /walt-vpn/" if self.listener == "node"
                        else "admin routes: /, /api/nodes, /api/artifacts")
+
+    def _handle(self, route: Route, request: Request) -> Response:
+        self._check_access(route, request)
+        return route.handler(request)
 
     def _check_access(self, route: Route, request: Request) -> None:
         proxied = [h for h in PROXY_HEADERS if request.has_header(h)]
