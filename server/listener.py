@@ -15,7 +15,8 @@ stops gracefully and runs a plain ASGI app. This module adds, in a protocol subc
   asyncio's single-thread loop.sendfile reached 0.66-0.78x nginx at 16-64 clients);
 - TCP_NODELAY on every connection (uvicorn writes head and body separately);
 - a small accept batch (asyncio accepts `backlog` sockets before any callback runs: with
-  1024 it ran into EMFILE before the cap could evict anything);
+  1024 it ran into EMFILE before the cap could evict anything) but a deep kernel listen
+  queue (with 64, 200 simultaneous connects on a loaded machine were reset);
 - the raw request target in `scope["extensions"]["fwbuild.target"]` (the app refuses
   absolute-form and odd targets itself) and parser errors in the app's error format.
 
@@ -50,7 +51,8 @@ STOP_GRACE = 5  # seconds in-flight responses get at shutdown
 MAX_HEAD = 32 * 1024  # bytes of request line + headers
 MAX_CONNECTIONS = 512  # per listener; lowered to fit RLIMIT_NOFILE
 FD_RESERVE = 64  # descriptors kept free for files, the database, logs
-ACCEPT_BATCH = 64  # listen backlog, and connections asyncio accepts before running callbacks
+ACCEPT_BATCH = 64  # connections asyncio accepts before running callbacks (its `backlog`)
+LISTEN_BACKLOG = 1024  # the kernel's queue (set again once asyncio has listened with the batch)
 
 Asgi = Callable[[dict[str, Any], Callable[[], Awaitable[Any]],
                  Callable[[dict[str, Any]], Awaitable[None]]], Awaitable[None]]
@@ -282,7 +284,7 @@ def bind_socket(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
-        sock.listen(ACCEPT_BATCH)
+        sock.listen(LISTEN_BACKLOG)
     except BaseException:
         sock.close()
         raise
@@ -333,6 +335,11 @@ class Listeners:
             if any(t.done() for t in tasks):
                 break
             await asyncio.sleep(0.01)
+        for sock in self._sockets:  # asyncio listened with ACCEPT_BATCH: a deeper kernel queue
+            try:                    # (200 simultaneous connects were reset with 64)
+                sock.listen(LISTEN_BACKLOG)
+            except OSError:
+                pass
         self._started.set()
         await asyncio.gather(*tasks)
         for server in self._servers:  # whatever outlived the grace period
