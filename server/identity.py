@@ -11,12 +11,16 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
+import os
 import socket
 import struct
 import subprocess
+import threading
 from typing import Any
 
-from .config import ServerConfig
+from fwbuild.errors import RecipeError
+
+from .config import ServerConfig, parse_node_addresses, read_config_file
 from .errors import Forbidden
 from .macs import colon_mac, normalise_mac
 
@@ -98,10 +102,45 @@ def ip6_lookup(ip: str) -> str | None:
 
 
 class NodeBinder:
-    """Maps a request's source address to the node MAC it is bound to."""
+    """Maps a request's source address to the node MAC it is bound to.
+
+    The `node_addresses` file is read again when it changes (size or mtime), so a site
+    whose DHCP runs elsewhere can update it without a restart; a version that does not
+    parse is logged and the previous table stays in force.
+    """
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
+        self._table = config.node_addresses
+        self._stamp = self._file_stamp()
+        self._lock = threading.Lock()
+
+    def _file_stamp(self) -> tuple[int, int] | None:
+        path = self.config.node_addresses_file
+        if path is None:
+            return None
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        return st.st_size, st.st_mtime_ns
+
+    def _addresses(self) -> dict[str, str] | None:
+        path = self.config.node_addresses_file
+        if path is None:
+            return self._table
+        stamp = self._file_stamp()
+        with self._lock:
+            if stamp is not None and stamp != self._stamp:
+                self._stamp = stamp
+                try:
+                    self._table = parse_node_addresses(read_config_file(
+                        path, "server.node_addresses", "a file of `MAC IP` lines"), str(path))
+                    log.info("node addresses reloaded from %s (%d)", path, len(self._table))
+                except RecipeError as exc:
+                    log.error("node addresses %s not reloaded, the previous table stays: %s",
+                              path, exc)
+            return self._table
 
     def source(self) -> str:
         if self.config.node_addresses is not None:
@@ -114,8 +153,9 @@ class NodeBinder:
             ip = _plain(client)
         except ValueError:
             return None
-        if self.config.node_addresses is not None:
-            return self.config.node_addresses.get(ip)
+        table = self._addresses()
+        if table is not None:
+            return table.get(ip)
         if ":" in ip:
             return ip6_lookup(ip)
         try:

@@ -279,3 +279,29 @@ def test_fuzz_bench_smoke() -> None:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert module.main(["--count", "300", "--seed", "7"]) == 0
+
+
+def test_node_address_file_reloads_when_changed(running: Any, server_env: dict[str, Path],
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+    import time
+
+    other = "dca632aaaaaa"  # not in the file yet
+    assert enroll(running.port, MAC12).status == 201
+    assert request(running.port, "GET", "/walt-vpn/node-conf/creds",
+                   source="127.0.0.9").status == 403
+    addresses = server_env["root"] / "node-addresses.txt"
+    text = addresses.read_text()
+    time.sleep(0.01)
+    addresses.write_text(text.replace(f"{MAC12} {node_ip(MAC12)}\n", f"{MAC12} 127.0.0.9\n")
+                         + f"{other} 127.0.0.10\n")
+    assert request(running.port, "GET", "/walt-vpn/node-conf/creds",
+                   source="127.0.0.9").status == 200
+    assert request(running.port, "GET", "/walt-vpn/node-conf/creds",
+                   source=node_ip(MAC12)).status == 403  # the old address is no longer bound
+    # A broken version is logged and the last good table stays.
+    caplog.set_level(logging.ERROR, logger="fwbuild.server")
+    addresses.write_text("nonsense\n")
+    assert request(running.port, "GET", "/walt-vpn/node-conf/creds",
+                   source="127.0.0.9").status == 200
+    assert any("not reloaded" in r.getMessage() for r in caplog.records)
