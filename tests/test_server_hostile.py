@@ -414,6 +414,8 @@ def test_sigterm_with_trickling_and_stalled_clients(tmp_path: Path, session_keys
     import time
 
     server = _Serve(tmp_path, session_keys, size=8 << 20)
+    database = server.state / "fwbuild-server.sqlite3"
+    before = db_snapshot(database)
     try:
         trickler = socket.create_connection(("127.0.0.1", server.port))
         trickler.sendall(b"GET /walt-vpn/server HTTP/1.1\r\nHo")
@@ -428,6 +430,7 @@ def test_sigterm_with_trickling_and_stalled_clients(tmp_path: Path, session_keys
         elapsed = time.monotonic() - t0
         assert code == 0, server.log.read_text()[-2000:]
         assert elapsed < 10, f"stopping took {elapsed:.1f} s"
+        assert db_snapshot(database) == before
         trickler.close()
         staller.close()
     finally:
