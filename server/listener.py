@@ -16,7 +16,7 @@ stops gracefully and runs a plain ASGI app. This module adds, in a protocol subc
 - TCP_NODELAY on every connection (uvicorn writes head and body separately);
 - a small accept batch (asyncio accepts `backlog` sockets before any callback runs: with
   1024 it ran into EMFILE before the cap could evict anything) but a deep kernel listen
-  queue (with 64, 200 simultaneous connects on a loaded machine were reset);
+  queue (256; with 64, 200 simultaneous connects on a loaded machine were reset);
 - the raw request target in `scope["extensions"]["fwbuild.target"]` (the app refuses
   absolute-form and odd targets itself) and parser errors in the app's error format.
 
@@ -34,7 +34,6 @@ import resource
 import select
 import socket
 import threading
-import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -52,7 +51,9 @@ MAX_HEAD = 32 * 1024  # bytes of request line + headers
 MAX_CONNECTIONS = 512  # per listener; lowered to fit RLIMIT_NOFILE
 FD_RESERVE = 64  # descriptors kept free for files, the database, logs
 ACCEPT_BATCH = 64  # connections asyncio accepts before running callbacks (its `backlog`)
-LISTEN_BACKLOG = 1024  # the kernel's queue (set again once asyncio has listened with the batch)
+LISTEN_BACKLOG = 256  # the kernel's queue (set again once asyncio has listened with the batch):
+# deep enough for 200 simultaneous connects, short enough that a new client never waits
+# behind more than 256 queued ones (an idle flood fills it)
 
 Asgi = Callable[[dict[str, Any], Callable[[], Awaitable[Any]],
                  Callable[[dict[str, Any]], Awaitable[None]]], Awaitable[None]]
@@ -168,6 +169,7 @@ class Protocol(httptools_impl.HttpToolsProtocol):
     """uvicorn's httptools protocol with a request deadline, a connection cap and sendfile."""
 
     cap = MAX_CONNECTIONS
+    idle: dict[Protocol, None]  # per listener, oldest idle first (set by Listeners)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -176,26 +178,27 @@ class Protocol(httptools_impl.HttpToolsProtocol):
             # No Nagle: uvicorn writes the head and the body separately (46 ms per keep-alive
             # request with Nagle + delayed ACK). asyncio only sets it when proto is TCP.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._busy = False
         self._in_head = True  # reading a request line and headers
         self._head_bytes = 0
-        self._idle_since = time.monotonic()
         self._deadline: asyncio.TimerHandle | None = None
         self._arm()
         if len(self.connections) > self.cap:
-            idle = [c for c in self.connections
-                    if isinstance(c, Protocol) and c is not self and not c._busy]
-            if idle:
-                oldest = min(idle, key=lambda c: c._idle_since)
+            oldest = next(iter(self.idle), None)  # O(1): the dict keeps idle order
+            if oldest is not None:
+                del self.idle[oldest]
                 log.info("connection cap %d reached: closing the longest-idle connection from %s",
                          self.cap, oldest.client[0] if oldest.client else "?")
                 oldest.transport.close()
+                self.idle[self] = None
             else:
                 log.warning("connection cap %d reached, every connection busy: 503", self.cap)
                 self._refuse(503, "too many connections", "retry in a few seconds")
+        else:
+            self.idle[self] = None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        self.idle.pop(self, None)
         super().connection_lost(exc)
 
     def _arm(self) -> None:
@@ -226,7 +229,7 @@ class Protocol(httptools_impl.HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self._busy = True
+        self.idle.pop(self, None)  # busy: never evicted
         self._in_head = True
 
     def on_headers_complete(self) -> None:
@@ -251,10 +254,10 @@ class Protocol(httptools_impl.HttpToolsProtocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        self._busy = False
-        self._idle_since = time.monotonic()
-        if not self.transport.is_closing():
-            self._arm()
+        pipelined = self.cycle is not None and not self.cycle.response_complete
+        if not self.transport.is_closing() and not pipelined:
+            self.idle[self] = None  # idle again, newest
+            self._arm()  # the next request must arrive within the deadline
 
     def send_400_response(self, msg: str) -> None:
         if getattr(self, "_too_large", False):
@@ -297,7 +300,8 @@ class Listeners:
 
     def __init__(self, apps: list[tuple[socket.socket, Asgi]], cap: int | None = None) -> None:
         self._sockets = [s for s, _ in apps]
-        protocol = type("FwbuildProtocol", (Protocol,), {"cap": cap or connection_cap()})
+        protocol = type("FwbuildProtocol", (Protocol,), {"cap": cap or connection_cap(),
+                                                         "idle": {}})
         self._servers = [uvicorn.Server(uvicorn.Config(
             app, http=protocol, ws="none", lifespan="off", proxy_headers=False,
             server_header=False, date_header=True, access_log=False, log_config=None,

@@ -396,3 +396,16 @@ def test_non_ascii_digits_in_range_are_ignored(running: Any) -> None:
     assert enroll(port, MAC).status == 201
     reply = request(port, "GET", f"/walt-vpn/node/{MAC12}/boot.img", headers={"Range": "bytes=\xb2-"})
     assert reply.status == 200
+
+
+def test_pipelined_requests_all_answered(running: Any) -> None:
+    import socket
+
+    one = b"GET /walt-vpn/server HTTP/1.1\r\nHost: x\r\n\r\n"
+    last = b"GET /walt-vpn/server HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", running.port), timeout=30) as sock:
+        sock.sendall(one * 3 + last)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    assert data.count(b"HTTP/1.1 200 OK") == 4 and data.count(b"walt-server\n") == 4
