@@ -83,8 +83,14 @@ def test_enroll_then_fetch_everything(running: Any, server_env: dict[str, Path])
     assert list((server_env["state"] / "sigcache").glob("*.sig"))
     assert request(port, "GET", f"/walt-vpn/node/{MAC12}/boot.sig").body == sig.body
 
-    # Events are recorded for the bound node only; the whole boot.img sets the last boot.
-    show = request(running.admin_port, "GET", f"/api/nodes/{MAC12}").json()
+    # Events are recorded for the bound node only; the whole boot.img sets the last boot
+    # (after the body went out: the client may be a moment ahead of the record).
+    import time
+
+    deadline = time.monotonic() + 30
+    while (show := request(running.admin_port, "GET", f"/api/nodes/{MAC12}").json())[
+            "last_boot"] is None and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert show["last_boot"] is not None
     artifacts = [e["artifact"] for e in show["events"]]
     assert artifacts.count("boot.img") == 1 and "enroll" in artifacts
