@@ -55,7 +55,8 @@ def init_keys(directory: Path, *, force: bool = False) -> KeyPaths:
             str(existing[0]),
             "keep it, or pass --force to replace it (everything signed with it stops verifying)",
         )
-    directory.mkdir(parents=True, exist_ok=True)
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(directory, 0o700)  # private keys: nobody else may even list them
     boot = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     atomic_write(
         paths.boot_key,

@@ -103,23 +103,28 @@ def parse_sig(text: bytes, where: str = ".sig") -> Sig:
         raise FormatError("first line is not a 64-digit lowercase SHA-256", f"{where}:1")
     if len(lines) < 2 or not lines[1].startswith("ts: "):
         raise FormatError("second line must be `ts: <unix seconds>`", f"{where}:2")
-    if not re.fullmatch(r"[0-9]{1,10}", lines[1][4:]):
-        raise FormatError("`ts:` is not an integer", f"{where}:2")
+    if not re.fullmatch(r"0|[1-9][0-9]{0,9}", lines[1][4:]):
+        raise FormatError("`ts:` is not an integer (digits, no leading zero)", f"{where}:2")
     ts = int(lines[1][4:])
+    if ts > MAX_TS:
+        raise FormatError(f"`ts:` {ts} out of range", f"{where}:2", f"use {TIMESTAMP}")
     target_soc: str | None = None
     rsa2048: bytes | None = None
     for number, line in enumerate(lines[2:], start=3):
         if line.startswith("target-soc: ") and target_soc is None and rsa2048 is None:
             target_soc = line[len("target-soc: "):]
+            if not _SOC.match(target_soc) or target_soc.endswith("\n"):
+                raise FormatError(f"invalid target-soc {target_soc[:40]!r}", f"{where}:{number}",
+                                  "e.g. 2712")
         elif line.startswith("rsa2048: ") and rsa2048 is None:
             digits = line[len("rsa2048: "):]
             if not _HEX512.match(digits):
                 raise FormatError("`rsa2048:` is not 512 lowercase hex digits", f"{where}:{number}")
             rsa2048 = bytes.fromhex(digits)
-        elif line == "":
-            continue
-        else:
+        else:  # blank lines included: build_sig never writes them
             raise FormatError(f"unexpected line {line[:40]!r}", f"{where}:{number}")
+    if not decoded.endswith("\n"):
+        raise FormatError("signature file does not end with a newline", where)
     return Sig(lines[0], ts, target_soc, rsa2048)
 
 

@@ -1,18 +1,19 @@
-"""The admin JSON API and the HTML status page, on a loopback-only listener.
+"""The admin JSON API and the HTML status page (admin class: the loopback listener).
 
-Every request must come from a loopback address and name a loopback Host (no DNS
-rebinding); writes must be `POST` with a JSON body (a browser cannot send that
-cross-origin without a preflight, so a web page cannot drive the API).
+Every request must come from a loopback address, name one loopback Host (no DNS
+rebinding) and carry no forwarding header (`server.web` enforces it for the class);
+writes must be `POST` with a JSON body (a browser cannot send that cross-origin without
+a preflight, so a web page cannot drive the API).
 
-  GET  /                       HTML status page (no JavaScript)
-  GET  /api/nodes              all nodes
-  GET  /api/nodes/<mac>        one node, with its certificates and recent events
-  POST /api/nodes/<mac>/mode   {"mode": "enforced" | "permissive" | null}
-  POST /api/nodes/<mac>/revoke {}
-  POST /api/nodes/<mac>/forget {}
-  GET  /api/artifacts          artifact digests and sizes
-  GET  /api/nodes/<mac>/pieeprom.bin   the node's expected EEPROM image (for the SSH gate)
-  GET  /api/nodes/<mac>/eeprom-digest  its sha256 hex + "\n" (for the SSH gate)
+  GET  /                              HTML status page (no JavaScript)
+  GET  /api/nodes                     all nodes
+  GET  /api/nodes/<mac>               one node, with its certificates and recent events
+  GET  /api/nodes/<mac>/pieeprom.bin  the node's rendered EEPROM image (for the SSH gate)
+  GET  /api/nodes/<mac>/eeprom-digest sha256 hex + "\\n" of exactly that image
+  POST /api/nodes/<mac>/mode          {"mode": "enforced" | "permissive" | null}
+  POST /api/nodes/<mac>/revoke        {}
+  POST /api/nodes/<mac>/forget        {}
+  GET  /api/artifacts                 artifact digests and sizes
 """
 
 from __future__ import annotations
@@ -22,89 +23,92 @@ from typing import Any
 
 from fwbuild.errors import UsageError
 
-from .config import is_loopback
-from .errors import Forbidden, HttpError, NotFound
-from .http import Request, Response
+from .errors import HttpError
 from .service import Service
 from .status import render_status
+from .web import Request, Response, host_is_loopback
+
+MAX_JSON_DEPTH = 32
+_host_is_loopback = host_is_loopback  # kept for callers of the old name
 
 
-def _host_is_loopback(host: str) -> bool:
-    name = host.strip()
-    if name.startswith("["):
-        name = name[1:].partition("]")[0]
-    elif name.count(":") == 1:
-        name = name.partition(":")[0]
-    return name == "localhost" or is_loopback(name)
+def _json_depth_ok(body: bytes) -> bool:
+    """False when brackets nest deeper than MAX_JSON_DEPTH (checked before json.loads)."""
+    depth = 0
+    in_string = escaped = False
+    for byte in body:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:
+                escaped = True
+            elif byte == 0x22:
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):
+            depth += 1
+            if depth > MAX_JSON_DEPTH:
+                return False
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+    return True
 
 
-class AdminApp:
+def post_json(request: Request) -> dict[str, Any]:
+    if not request.header("content-type").lower().startswith("application/json"):
+        raise HttpError(415, "admin writes need Content-Type: application/json")
+    if not _json_depth_ok(request.body):
+        raise UsageError(f"JSON nested deeper than {MAX_JSON_DEPTH}", "body")
+    try:
+        value = json.loads(request.body or b"{}")
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise UsageError("body is not JSON", "body") from None
+    if not isinstance(value, dict):
+        raise UsageError("body must be a JSON object", "body")
+    return value
+
+
+class AdminRoutes:
     def __init__(self, service: Service) -> None:
         self.service = service
 
-    def dispatch(self, request: Request) -> Response:
-        if not is_loopback(request.client):
-            raise Forbidden("the admin API answers loopback clients only")
-        if not _host_is_loopback(request.header("Host", "localhost")):
-            raise Forbidden("the admin API answers Host: localhost only")
-        seg = request.segments
-        if seg in ((), ("status",)):
-            self._get(request)
-            page = render_status(self.service)
-            return Response(body=page.encode("utf-8"), content_type="text/html; charset=utf-8",
-                            headers={"Cache-Control": "no-store"})
-        if not seg or seg[0] != "api":
-            raise NotFound("no such admin resource")
-        rest = seg[1:]
-        if rest == ("nodes",):
-            self._get(request)
-            return Response.json([self.service.describe(n) for n in self.service.nodes()])
-        if rest == ("artifacts",):
-            self._get(request)
-            return Response.json(self.service.artifacts.versions())
-        if len(rest) == 2 and rest[0] == "nodes":
-            self._get(request)
-            return Response.json(self.service.describe(self.service.node(rest[1]), events=50))
-        if len(rest) == 3 and rest[0] == "nodes" and rest[2] in ("pieeprom.bin", "eeprom-digest"):
-            self._get(request)
-            image = self.service.node_image(self.service.booting_node(rest[1]))
-            if rest[2] == "eeprom-digest":
-                return Response.text(image.sha256 + "\n", headers={"Cache-Control": "no-store"})
-            return Response(body=image.image, content_type="application/octet-stream",
-                            headers={"Cache-Control": "no-store"})
-        if len(rest) == 3 and rest[0] == "nodes":
-            body = self._post_json(request)
-            node_mac = rest[1]
-            if rest[2] == "mode":
-                mode = body.get("mode")
-                if mode is not None and not isinstance(mode, str):
-                    raise UsageError("`mode` must be a string or null", "body")
-                node = self.service.set_mode(node_mac, None if mode == "default" else mode)
-            elif rest[2] == "revoke":
-                node = self.service.revoke(node_mac)
-            elif rest[2] == "forget":
-                self.service.forget(node_mac)
-                return Response.json({"forgotten": node_mac})
-            else:
-                raise NotFound("no such node action", hint="mode, revoke or forget")
-            return Response.json(self.service.describe(node))
-        raise NotFound("no such admin resource")
+    def status(self, request: Request) -> Response:
+        page = render_status(self.service)
+        return Response(body=page.encode("utf-8"), content_type="text/html; charset=utf-8",
+                        headers={"Cache-Control": "no-store"})
 
-    @staticmethod
-    def _get(request: Request) -> None:
-        if request.method not in ("GET", "HEAD"):
-            raise HttpError(405, f"{request.method} not allowed here", headers={"Allow": "GET"})
+    def nodes(self, request: Request) -> Response:
+        return Response.json([self.service.describe(n) for n in self.service.nodes()])
 
-    @staticmethod
-    def _post_json(request: Request) -> dict[str, Any]:
-        if request.method != "POST":
-            raise HttpError(405, f"{request.method} not allowed here", headers={"Allow": "POST"})
-        if not request.header("Content-Type").lower().startswith("application/json"):
-            raise HttpError(415, "admin writes need Content-Type: application/json")
-        try:
-            value = json.loads(request.body or b"{}")
-        except (ValueError, UnicodeDecodeError):
-            raise UsageError("body is not JSON", "body") from None
-        if not isinstance(value, dict):
-            raise UsageError("body must be a JSON object", "body")
-        return value
+    def artifacts(self, request: Request) -> Response:
+        return Response.json(self.service.artifacts.versions())
+
+    def node(self, request: Request) -> Response:
+        return Response.json(self.service.describe(self.service.node(request.params["mac"]),
+                                                   events=50))
+
+    def pieeprom_bin(self, request: Request) -> Response:
+        image = self.service.node_image(self.service.booting_node(request.params["mac"]))
+        return Response(body=image.image, content_type="application/octet-stream",
+                        headers={"Cache-Control": "no-store"})
+
+    def eeprom_digest(self, request: Request) -> Response:
+        image = self.service.node_image(self.service.booting_node(request.params["mac"]))
+        return Response.text(image.sha256 + "\n", headers={"Cache-Control": "no-store"})
+
+    def set_mode(self, request: Request) -> Response:
+        mode = post_json(request).get("mode")
+        if mode is not None and not isinstance(mode, str):
+            raise UsageError("`mode` must be a string or null", "body")
+        node = self.service.set_mode(request.params["mac"], None if mode == "default" else mode)
+        return Response.json(self.service.describe(node))
+
+    def revoke(self, request: Request) -> Response:
+        post_json(request)
+        return Response.json(self.service.describe(self.service.revoke(request.params["mac"])))
+
+    def forget(self, request: Request) -> Response:
+        post_json(request)
+        self.service.forget(request.params["mac"])
+        return Response.json({"forgotten": request.params["mac"]})

@@ -184,6 +184,36 @@ class ArtifactSet:
         log.info("signed boot.img %s once (cached)", boot.sha256[:16])
         return sig
 
+    def manifest(self) -> dict[str, object] | None:
+        """The set's manifest.json, or None when absent or unreadable."""
+        try:
+            value = json.loads((self.directory / MANIFEST).read_text("utf-8"))
+        except (OSError, ValueError):
+            return None
+        return value if isinstance(value, dict) else None
+
+    def is_virtual(self) -> bool:
+        """Built from a virtual recipe (its manifest says so): synthetic EEPROMs allowed."""
+        recipe = (self.manifest() or {}).get("recipe")
+        return isinstance(recipe, dict) and recipe.get("target") == "virtual"
+
+    def check(self, modes: tuple[str, ...]) -> list[str]:
+        """Problems that keep this set from being served (empty: servable)."""
+        problems: list[str] = []
+        if not self.directory.is_dir():
+            return [f"artifact set {self.directory} does not exist (or is not a directory)"]
+        try:
+            self.info(BOOT_IMG)
+        except ArtifactMissing as exc:
+            problems.append(f"{self.directory / BOOT_IMG}: {exc.what}")
+        if not self.is_virtual():
+            for mode in modes:
+                base = self.directory / "eeprom" / mode / "pieeprom.bin"
+                if not base.is_file():
+                    problems.append(f"{base}: missing EEPROM base image for boot mode {mode!r} "
+                                    "(only a set built from a virtual recipe may do without)")
+        return problems
+
     def eeprom_base(self, variant: str) -> bytes | None:
         """The build's `eeprom/<variant>/pieeprom.bin`, or None when the set has none."""
         try:

@@ -17,6 +17,10 @@ enrollment_subnets = ["192.168.152.0/22"]
 node_root = "/var/lib/walt/nodes/{mac12}/fs" # WALT_VPN_ROOT ({mac12}: 12 hex digits)
 cert_validity_days = 3650
 revoked_keys_file = "state/revoked_keys"     # default: <state_dir>/revoked_keys
+node_addresses = "nodes.txt"    # optional `MAC IP` lines binding walt-net addresses to nodes
+                                # (default: the kernel neighbour table of the interface)
+events_max_age_days = 365       # events older than this are pruned
+events_max_count = 100000       # and at most this many are kept
 
 [entrypoints]
 http = "vpn.example.org"        # host[:port] the nodes fetch boot.img from (HTTP_HOST/HTTP_PORT)
@@ -37,8 +41,10 @@ from __future__ import annotations
 import base64
 import difflib
 import ipaddress
+import os
 import re
 import socket
+import stat
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -48,9 +54,10 @@ from typing import Any
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
-from fwbuild.errors import RecipeError
+from fwbuild.errors import RecipeError, UsageError
 
 from . import BOOT_MODES
+from .macs import normalise_mac
 
 SSH_KEY_TYPES = (
     "ssh-ed25519", "ssh-rsa", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384",
@@ -105,6 +112,10 @@ class ServerConfig:
     proxy_jump: str | None
     http_proxy: str | None
     admin: AdminConfig
+    node_addresses: dict[str, str] | None = None  # IP -> mac12 (None: neighbour table)
+    node_addresses_file: Path | None = None
+    events_max_age_days: int = 365
+    events_max_count: int = 100_000
 
     @property
     def database(self) -> Path:
@@ -126,6 +137,7 @@ _SCHEMA: dict[str, dict[str, bool]] = {
         "listen": False, "port": False, "hostname": False, "artifacts": True, "state_dir": True,
         "keys_dir": True, "default_boot_mode": False, "enrollment_subnets": True,
         "node_root": True, "cert_validity_days": False, "revoked_keys_file": False,
+        "node_addresses": False, "events_max_age_days": False, "events_max_count": False,
     },
     "entrypoints": {
         "http": True, "ssh": True, "ssh_host_keys_file": False, "ssh_host_keys": False,
@@ -225,6 +237,62 @@ def parse_host_keys(text: str, where: str) -> list[HostKey]:
     return keys
 
 
+MAX_CONFIG_FILE = 1 << 20  # host keys and node address files are small text files
+
+
+def read_config_file(path: Path, where: str, hint: str) -> str:
+    """A small text file named by the config: regular, <= 1 MiB, ASCII; RecipeError otherwise."""
+    if "\x00" in str(path):
+        raise RecipeError("a path cannot contain a NUL byte", where, hint)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise RecipeError(f"cannot read {path}: {exc.strerror}", where, hint) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise RecipeError(f"{path} is not a regular file", where, hint)
+        if st.st_size > MAX_CONFIG_FILE:
+            raise RecipeError(f"{path} is larger than {MAX_CONFIG_FILE} bytes", where, hint)
+        data = os.read(fd, MAX_CONFIG_FILE + 1)
+    except OSError as exc:
+        raise RecipeError(f"cannot read {path}: {exc.strerror}", where, hint) from None
+    finally:
+        os.close(fd)
+    try:
+        return data.decode("ascii")
+    except UnicodeDecodeError:
+        raise RecipeError(f"{path} is not ASCII text", where, hint) from None
+
+
+def parse_node_addresses(text: str, where: str) -> dict[str, str]:
+    """`MAC IP` lines (`#` comments) -> {IP: mac12}; RecipeError naming file:line."""
+    table: dict[str, str] = {}
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        fields = line.split()
+        if len(fields) != 2:
+            raise RecipeError("expected `MAC IP`", f"{where}:{number}",
+                              "one node per line, e.g. `dc:a6:32:01:02:03 192.168.152.10`")
+        try:
+            mac12 = normalise_mac(fields[0], f"{where}:{number}")
+        except UsageError as exc:
+            raise RecipeError(exc.what, f"{where}:{number}", exc.hint) from None
+        try:
+            ip = ipaddress.ip_address(fields[1])
+        except ValueError:
+            raise RecipeError(f"{fields[1][:40]!r} is not an IP address", f"{where}:{number}",
+                              "use a plain IPv4 or IPv6 address") from None
+        key = str(ip)
+        if key in table and table[key] != mac12:
+            raise RecipeError(f"address {key} is bound to two MACs", f"{where}:{number}",
+                              "one address identifies one node")
+        table[key] = mac12
+    return table
+
+
 def _subnets(value: Any, where: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise RecipeError("expected a list of CIDR strings", where, 'e.g. ["192.168.152.0/22"]')
@@ -283,7 +351,10 @@ def parse_config(data: Mapping[str, Any], base_dir: Path) -> ServerConfig:
     adm: Mapping[str, Any] = data.get("admin", {})
 
     def path(key: str) -> Path:
-        p = Path(_get(srv, key, str, "server."))
+        text = _get(srv, key, str, "server.")
+        if "\x00" in text:
+            raise RecipeError("a path cannot contain a NUL byte", f"server.{key}")
+        p = Path(text)
         return p if p.is_absolute() else base_dir / p
 
     mode = _get(srv, "default_boot_mode", str, "server.", "enforced")
@@ -302,13 +373,13 @@ def parse_config(data: Mapping[str, Any], base_dir: Path) -> ServerConfig:
                           "admin.listen", "use 127.0.0.1 or ::1 (reach it through SSH if remote)")
     keys: list[HostKey] = []
     if "ssh_host_keys_file" in ent:
-        kf = Path(_get(ent, "ssh_host_keys_file", str, "entrypoints."))
+        kf_text = _get(ent, "ssh_host_keys_file", str, "entrypoints.")
+        if "\x00" in kf_text:
+            raise RecipeError("a path cannot contain a NUL byte", "entrypoints.ssh_host_keys_file")
+        kf = Path(kf_text)
         kf = kf if kf.is_absolute() else base_dir / kf
-        try:
-            text = kf.read_text("ascii")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise RecipeError(f"cannot read host keys file: {exc}", "entrypoints.ssh_host_keys_file",
-                              "write it with `ssh-keyscan -p PORT HOST > FILE`") from None
+        text = read_config_file(kf, "entrypoints.ssh_host_keys_file",
+                                "write it with `ssh-keyscan -p PORT HOST > FILE`")
         keys += parse_host_keys(text, str(kf))
     inline = _get(ent, "ssh_host_keys", list, "entrypoints.", [])
     if not all(isinstance(v, str) for v in inline):
@@ -319,6 +390,21 @@ def parse_config(data: Mapping[str, Any], base_dir: Path) -> ServerConfig:
         raise RecipeError("no SSH entrypoint host key configured", "entrypoints.ssh_host_keys",
                           "nodes pin them: set ssh_host_keys_file (ssh-keyscan output) or ssh_host_keys")
     state_dir = path("state_dir")
+    addresses: dict[str, str] | None = None
+    addresses_file: Path | None = None
+    if "node_addresses" in srv:
+        addresses_file = path("node_addresses")
+        addresses = parse_node_addresses(read_config_file(
+            addresses_file, "server.node_addresses", "a file of `MAC IP` lines"),
+            str(addresses_file))
+    max_age = _get(srv, "events_max_age_days", int, "server.", 365)
+    max_count = _get(srv, "events_max_count", int, "server.", 100_000)
+    if not 1 <= max_age <= 36500:
+        raise RecipeError(f"events_max_age_days {max_age} out of range",
+                          "server.events_max_age_days", "use 1..36500")
+    if not 100 <= max_count <= 100_000_000:
+        raise RecipeError(f"events_max_count {max_count} out of range",
+                          "server.events_max_count", "use 100..100000000")
     revoked = path("revoked_keys_file") if "revoked_keys_file" in srv else state_dir / "revoked_keys"
     return ServerConfig(
         listen=listen,
@@ -338,6 +424,10 @@ def parse_config(data: Mapping[str, Any], base_dir: Path) -> ServerConfig:
         proxy_jump=_single_line(_get(ent, "proxy_jump", str, "entrypoints."), "entrypoints.proxy_jump"),
         http_proxy=_single_line(_get(ent, "http_proxy", str, "entrypoints."), "entrypoints.http_proxy"),
         admin=AdminConfig(admin_listen, _port(_get(adm, "port", int, "admin.", 8081), "admin.port")),
+        node_addresses=addresses,
+        node_addresses_file=addresses_file,
+        events_max_age_days=max_age,
+        events_max_count=max_count,
     )
 
 
@@ -360,12 +450,23 @@ def _ip_or_name(text: str, where: str) -> None:
 
 def load_config(path: Path) -> ServerConfig:
     """Read and validate a `server.toml`."""
+    if "\x00" in str(path):
+        raise RecipeError("a path cannot contain a NUL byte", repr(str(path)))
     try:
-        raw = path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise RecipeError("server config is not a regular file", str(path))
+            if st.st_size > MAX_CONFIG_FILE:
+                raise RecipeError(f"server config is larger than {MAX_CONFIG_FILE} bytes", str(path))
+            raw = os.read(fd, MAX_CONFIG_FILE + 1)
+        finally:
+            os.close(fd)
     except OSError as exc:
         raise RecipeError(f"cannot read server config: {exc.strerror}", str(path)) from None
     try:
         data = tomllib.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError, RecursionError) as exc:
         raise RecipeError(f"not valid TOML: {exc}", str(path)) from None
     return parse_config(data, path.resolve().parent)

@@ -65,6 +65,9 @@ CREATE INDEX events_node ON events(node_mac, id);
 CREATE INDEX certificates_node ON certificates(node_mac, serial);
 CREATE INDEX certificates_revoked ON certificates(revoked_at) WHERE revoked_at IS NOT NULL;
 """),
+    (3, """
+CREATE INDEX events_time ON events(time);
+"""),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -256,6 +259,15 @@ def recent_events(conn: sqlite3.Connection, mac: str | None = None,
         rows = conn.execute(f"SELECT {_EVENT_COLS} FROM events WHERE node_mac = ? "
                             "ORDER BY id DESC LIMIT ?", (mac, limit))
     return [EventRow(*r) for r in rows]
+
+
+def prune_events(conn: sqlite3.Connection, older_than: int, keep: int) -> int:
+    """Delete events older than `older_than` and all but the newest `keep`; rows deleted."""
+    deleted = conn.execute("DELETE FROM events WHERE time < ?", (older_than,)).rowcount
+    row = conn.execute("SELECT max(id) FROM events").fetchone()
+    if row[0] is not None:
+        deleted += conn.execute("DELETE FROM events WHERE id <= ?", (row[0] - keep,)).rowcount
+    return int(deleted)
 
 
 def insert_cert(conn: sqlite3.Connection, cert: CertRow) -> None:

@@ -23,10 +23,11 @@ class HttpError(FwbuildError):
     """A protocol-level error with an explicit status (bad method, body too large ...)."""
 
     def __init__(self, status: int, what: str, hint: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
+                 headers: dict[str, str] | None = None, close: bool = False) -> None:
         super().__init__(what, None, hint)
         self.status = status
         self.headers = headers or {}
+        self.close = close  # answer with Connection: close (the request may be unread)
 
 
 def http_status(exc: FwbuildError) -> int:

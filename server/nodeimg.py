@@ -29,6 +29,7 @@ from fwbuild.eeprom.bootconf import render_bootconf
 from fwbuild.eeprom.synthetic import synthetic_image
 from fwbuild.fsutil import atomic_write
 
+from .artifacts import ArtifactMissing
 from .certs import VPN_USER
 from .config import ServerConfig
 
@@ -91,10 +92,12 @@ class NodeImageRenderer:
     """Renders and caches node images; thread-safe."""
 
     def __init__(self, config: ServerConfig, boot_key: rsa.RSAPrivateKey,
-                 base_image: Callable[[str], bytes | None], memory_entries: int = 32) -> None:
+                 base_image: Callable[[str], bytes | None], memory_entries: int = 32,
+                 allow_synthetic: bool = False) -> None:
         self._config = config
         self._key = boot_key
         self._base_image = base_image
+        self._allow_synthetic = allow_synthetic  # only for a set built from a virtual recipe
         self._dir = config.state_dir / "eeprom"
         self._lock = threading.Lock()
         self._memory: OrderedDict[str, RenderedImage] = OrderedDict()
@@ -103,7 +106,15 @@ class NodeImageRenderer:
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
     def _base(self, mode: str) -> bytes:
-        return self._base_image(mode) or synthetic_image()
+        base = self._base_image(mode)
+        if base is not None:
+            return base
+        if self._allow_synthetic:
+            return synthetic_image()  # virtual Pi 5 nodes: the synthetic image is their firmware
+        raise ArtifactMissing(f"no EEPROM base image for boot mode {mode!r}",
+                              str(self._config.artifacts / "eeprom" / mode / "pieeprom.bin"),
+                              "build the recipe with this variant (`fwbuild build RECIPE`) "
+                              "or fix server.artifacts")
 
     def render_key(self, base: bytes, text: str, ts: int) -> str:
         digest = hashlib.sha256()
@@ -140,6 +151,18 @@ class NodeImageRenderer:
             return gzip.decompress(path.read_bytes())
         except (OSError, EOFError, gzip.BadGzipFile):
             return None
+
+    def remove_stale_temp_files(self) -> int:
+        """Temp files a killed server left in the cache (atomic_write's `.NAME.*.tmp`)."""
+        removed = 0
+        if not self._dir.is_dir():
+            return 0
+        for directory in [self._dir, *(p for p in self._dir.iterdir() if p.is_dir())]:
+            for path in directory.iterdir():
+                if path.name.startswith(".") and path.name.endswith(".tmp") and path.is_file():
+                    path.unlink(missing_ok=True)
+                    removed += 1
+        return removed
 
     def _store(self, mac12: str, path: Path, image: bytes) -> None:
         # Node images embed the node's private key: 0600, like the database.

@@ -1,9 +1,12 @@
-"""Node-facing routes (WalT-compatible, under `/walt-vpn/`).
+"""The route table: every HTTP route of both listeners, declared once with its access class.
 
-Public (anyone, e.g. through the HTTP entrypoint): `server`, `node-conf/*` public values,
-`revoked-keys`, per-node `boot.img`, `boot.sig`, `pieeprom.sig`, `eeprom-digest`.
-Secrets (enrollment subnets only): `enroll`, `node-conf/ssh-pubkey-cert`, `node-conf/creds`,
-per-node `pieeprom.bin` (it embeds the node's private key).
+Node listener (WalT-compatible, under `/walt-vpn/`):
+- public: `server`, `revoked-keys`, `node-conf/` site values, the site's boot image
+  `boot/boot.img|boot.sig` (recovery first boot) and each node's `node/<mac>/boot.img|boot.sig`
+  (the HTTP-boot path; a full boot.img fetched by the bound node itself sets its last boot);
+- node (the bound node only): `enroll`, `node-conf/creds|ssh-pubkey-cert|vpn-mac|http-path|
+  boot-mode`, `node/<mac>/pieeprom.bin|pieeprom.sig|eeprom-digest`.
+Admin listener (loopback): the status page and `/api/...` (server.admin).
 """
 
 from __future__ import annotations
@@ -12,30 +15,33 @@ import email.parser
 import email.policy
 import urllib.parse
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 
 from fwbuild.errors import UsageError
 
+from . import admin
 from .artifacts import BOOT_IMG, ArtifactMissing
-from .errors import Forbidden, HttpError, NotFound
-from .http import Request, Response
-from .macs import normalise_mac
+from .db import NodeRow
+from .errors import HttpError
+from .identity import NodeBinder, check_claim
 from .nodeimg import http_path
 from .service import Service
+from .web import PROXY_HEADERS, Request, Response, Route
 
 SECRET_HEADERS = {"Cache-Control": "no-store"}
 REVALIDATE = {"Cache-Control": "no-cache"}
 FORM_FIELDS = ("mac", "ssh-pubkey")
+GET = ("GET", "HEAD")
 
 
 def parse_form(request: Request) -> dict[str, str]:
     """Fields of an urlencoded or multipart/form-data body (WalT's curl -F or --data)."""
-    ctype = request.header("Content-Type", "application/x-www-form-urlencoded").lower()
+    ctype = request.header("content-type", "application/x-www-form-urlencoded").lower()
     fields: dict[str, str] = {}
     if ctype.startswith("multipart/form-data"):
-        head = f"Content-Type: {request.header('Content-Type')}\r\n\r\n".encode("latin-1")
+        head = f"Content-Type: {request.header('content-type')}\r\n\r\n".encode("latin-1")
         message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
             head + request.body)
         if not message.is_multipart():
@@ -55,6 +61,8 @@ def parse_form(request: Request) -> dict[str, str]:
             raise UsageError("malformed form body", "body",
                              "send mac=...&ssh-pubkey=... urlencoded") from None
         for name, value in pairs:
+            if name in fields:
+                raise UsageError(f"repeated form field {name[:32]!r}", "body")
             fields[name] = value
     else:
         raise HttpError(415, f"unsupported content type {ctype[:40]!r}",
@@ -73,142 +81,180 @@ def _ascii(payload: bytes, name: str) -> str:
         raise UsageError(f"field {name!r} is not ASCII", "body") from None
 
 
-PROXY_HEADERS = ("Forwarded", "X-Forwarded-For", "X-Real-IP", "Via")
+class NodeRoutes:
+    """Handlers of the node listener."""
 
-
-class NodeApp:
-    """Dispatches `/walt-vpn/...` requests to the service."""
-
-    def __init__(self, service: Service) -> None:
+    def __init__(self, service: Service, binder: NodeBinder) -> None:
         self.service = service
         self.config = service.config
+        self.binder = binder
         self._public_pem = service.boot_key.public_key().public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-        self._conf: dict[str, Callable[[Request], Response]] = {
-            "ssh-entrypoint": lambda r: Response.text(self.config.ssh_entrypoint.render(22) + "\n"),
-            "http-entrypoint": lambda r: Response.text(
-                self.config.http_entrypoint.render(80) + "\n"),
-            "boot-mode": self._boot_mode,
-            "vpn-mac": lambda r: Response.text(self._query_node(r).vpn_mac + "\n"),
-            "http-path": lambda r: Response.text(http_path(self._query_node(r).mac) + "\n"),
-            "public.pem": lambda r: Response(body=self._public_pem,
-                                             content_type="application/x-pem-file"),
-            "ssh-entrypoint-host-keys": lambda r: Response.text(service.known_hosts),
-            "ssh-ca.pub": self._ssh_ca_pub,
-            "ssh-pubkey-cert": self._cert,
-            "creds": self._creds,
-        }
 
-    def dispatch(self, request: Request) -> Response:
-        seg = request.segments
-        if not seg or seg[0] != "walt-vpn":
-            raise NotFound("no such resource", hint="node routes live under /walt-vpn/")
-        rest = seg[1:]
-        if rest == ("enroll",):
-            self._method(request, "POST")
-            return self._enroll(request)
-        self._method(request, "GET", "HEAD")
-        if rest == ("server",):
-            return Response.text(self.config.hostname + "\n")
-        if rest == ("revoked-keys",):
-            try:
-                text = self.config.revoked_keys_file.read_text("ascii")
-            except FileNotFoundError:
-                text = ""  # nothing revoked yet
-            except (OSError, UnicodeDecodeError) as exc:
-                raise ArtifactMissing(f"cannot read the RevokedKeys file: {exc}",
-                                      str(self.config.revoked_keys_file)) from None
-            return Response.text(text, headers=dict(REVALIDATE))
-        if len(rest) == 2 and rest[0] == "node-conf" and rest[1] in self._conf:
-            return self._conf[rest[1]](request)
-        if len(rest) == 3 and rest[0] == "node":
-            return self._node_file(request, rest[1], rest[2])
-        raise NotFound("no such resource")
+    # -- helpers ------------------------------------------------------------------------
+    def _node(self, request: Request) -> NodeRow:
+        assert request.bound_mac is not None, "node-class route without a bound MAC"
+        return self.service.booting_node(request.bound_mac)
 
-    @staticmethod
-    def _method(request: Request, *allowed: str) -> None:
-        if request.method not in allowed:
-            raise HttpError(405, f"{request.method} not allowed here",
-                            headers={"Allow": ", ".join(allowed)})
+    def _recorder(self, request: Request, node: NodeRow, artifact: str,
+                  boot: bool = False) -> Callable[[int, bool], None]:
+        client = request.client
 
-    def _require_enrollment_subnet(self, request: Request, what: str) -> None:
-        # A request that came through a reverse proxy (the HTTP entrypoint adds one of these
-        # headers) may come from anywhere, whatever the proxy's own address is.
-        if any(request.headers.get(h) is not None for h in PROXY_HEADERS):
-            raise Forbidden(f"{what} is not served through a proxy (the request carries a "
-                            "forwarding header)", hint="connect directly from the platform network (walt-net)")
+        def after(status: int, whole: bool) -> None:
+            self.service.record(node, artifact, str(status), client, boot=boot and whole)
+        return after
+
+    def _bound_by_address(self, request: Request, mac12: str) -> bool:
+        """A public request made by the node itself, straight from its bound address."""
+        if any(request.has_header(h) for h in PROXY_HEADERS):
+            return False
         if not self.config.in_enrollment_subnets(request.client):
-            raise Forbidden(f"{what} is only served to the enrollment subnets",
-                            hint="connect from the platform network (walt-net)")
+            return False
+        return self.binder.lookup(request.client, request.local) == mac12
 
-    def _query_node(self, request: Request) -> Any:
-        mac = request.query.get("mac")
-        if mac is None:
-            raise UsageError("missing query parameter `mac`", "query", "add ?mac=<node MAC>")
-        return self.service.node(mac)
+    # -- public -------------------------------------------------------------------------
+    def server(self, request: Request) -> Response:
+        return Response.text(self.config.hostname + "\n")
 
-    def _boot_mode(self, request: Request) -> Response:
-        if "mac" not in request.query:
-            return Response.text(self.config.default_boot_mode + "\n")
-        return Response.text(self.service.mode_of(self._query_node(request)) + "\n")
+    def revoked_keys(self, request: Request) -> Response:
+        try:
+            text = self.config.revoked_keys_file.read_text("ascii")
+        except FileNotFoundError:
+            text = ""  # nothing revoked yet
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ArtifactMissing(f"cannot read the RevokedKeys file: {exc}",
+                                  str(self.config.revoked_keys_file)) from None
+        return Response.text(text, headers=dict(REVALIDATE))
 
-    def _ssh_ca_pub(self, request: Request) -> Response:
+    def ssh_entrypoint(self, request: Request) -> Response:
+        return Response.text(self.config.ssh_entrypoint.render(22) + "\n")
+
+    def http_entrypoint(self, request: Request) -> Response:
+        return Response.text(self.config.http_entrypoint.render(80) + "\n")
+
+    def public_pem(self, request: Request) -> Response:
+        return Response(body=self._public_pem, content_type="application/x-pem-file")
+
+    def host_keys(self, request: Request) -> Response:
+        return Response.text(self.service.known_hosts)
+
+    def ssh_ca_pub(self, request: Request) -> Response:
         line = self.service.ca.public_key().public_bytes(
             serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
         return Response(body=line + b" fwbuild-ssh-ca\n")
 
-    def _cert(self, request: Request) -> Response:
-        self._require_enrollment_subnet(request, "the node certificate")
-        node = self.service.booting_node(self._query_node(request).mac)
-        return Response.text(self.service.current_cert(node).certificate + "\n",
-                             headers=dict(SECRET_HEADERS))
+    def site_boot_img(self, request: Request) -> Response:
+        fd, info = self.service.artifacts.open(BOOT_IMG)
+        return Response(file=(fd, info), content_type="application/octet-stream",
+                        headers=dict(REVALIDATE))
 
-    def _creds(self, request: Request) -> Response:
-        self._require_enrollment_subnet(request, "node credentials")
-        node = self.service.booting_node(self._query_node(request).mac)
-        return Response.text(self.service.creds(node) + "\n", headers=dict(SECRET_HEADERS))
+    def site_boot_sig(self, request: Request) -> Response:
+        info = self.service.artifacts.info(BOOT_IMG)
+        return Response(body=self.service.artifacts.boot_sig(info), etag=f'"{info.sha256}.sig"',
+                        last_modified=info.mtime, headers=dict(REVALIDATE))
 
-    def _enroll(self, request: Request) -> Response:
-        self._require_enrollment_subnet(request, "enrollment")
+    def node_boot_img(self, request: Request) -> Response:
+        node = self.service.booting_node(request.params["mac"])
+        response = self.site_boot_img(request)
+        if request.method == "GET" and self._bound_by_address(request, node.mac):
+            response.after = self._recorder(request, node, "boot.img", boot=True)
+        return response
+
+    def node_boot_sig(self, request: Request) -> Response:
+        self.service.booting_node(request.params["mac"])
+        return self.site_boot_sig(request)
+
+    # -- node (bound) -------------------------------------------------------------------
+    def enroll(self, request: Request) -> Response:
+        assert request.bound_mac is not None
         form = parse_form(request)
-        if "mac" not in form:
-            raise UsageError("missing form field `mac`", "body", "send mac=<node MAC>")
-        result = self.service.enroll(form["mac"], form.get("ssh-pubkey"), request.client)
+        if "mac" in form:
+            check_claim(request.bound_mac, form["mac"], "the form field `mac`")
+        result = self.service.enroll(request.bound_mac, form.get("ssh-pubkey"), request.client)
         return Response.json(result.as_json(), 200 if result.re_enrolled else 201,
                              headers=dict(SECRET_HEADERS))
 
-    def _node_file(self, request: Request, mac_text: str, name: str) -> Response:
-        files = ("boot.img", "boot.sig", "pieeprom.bin", "pieeprom.sig", "eeprom-digest")
-        if name not in files:
-            raise NotFound("no such node file", hint=f"known: {', '.join(files)}")
-        normalise_mac(mac_text, "node MAC in the path")  # 400 before any lookup
-        if name == "pieeprom.bin":
-            self._require_enrollment_subnet(request, "pieeprom.bin (it embeds node secrets)")
-        node = self.service.booting_node(mac_text)
-        record = request.method == "GET"
-        client = request.client
+    def creds(self, request: Request) -> Response:
+        node = self._node(request)
+        return Response.text(self.service.creds(node) + "\n", headers=dict(SECRET_HEADERS))
 
-        def after(status: int) -> None:
-            if record:
-                self.service.record(node, name, str(status), client,
-                                    boot=name == "boot.img" and status in (200, 206))
+    def cert(self, request: Request) -> Response:
+        node = self._node(request)
+        return Response.text(self.service.current_cert(node).certificate + "\n",
+                             headers=dict(SECRET_HEADERS))
 
-        if name == "boot.img":
-            fd, info = self.service.artifacts.open(BOOT_IMG)
-            return Response(file=(fd, info), content_type="application/octet-stream",
-                            headers=dict(REVALIDATE), after=after)
-        if name == "boot.sig":
-            info = self.service.artifacts.info(BOOT_IMG)
-            sig = self.service.artifacts.boot_sig(info)
-            return Response(body=sig, etag=f'"{info.sha256}.sig"', last_modified=info.mtime,
-                            headers=dict(REVALIDATE), after=after)
+    def vpn_mac(self, request: Request) -> Response:
+        return Response.text(self._node(request).vpn_mac + "\n")
+
+    def http_path(self, request: Request) -> Response:
+        return Response.text(http_path(self._node(request).mac) + "\n")
+
+    def boot_mode(self, request: Request) -> Response:
+        return Response.text(self.service.mode_of(self._node(request)) + "\n")
+
+    def pieeprom_bin(self, request: Request) -> Response:
+        node = self._node(request)
         image = self.service.node_image(node)
-        if name == "eeprom-digest":
-            return Response.text(image.sha256 + "\n", headers=dict(REVALIDATE), after=after)
-        if name == "pieeprom.sig":
-            return Response(body=image.sig, etag=f'"{image.sha256}.sig"',
-                            last_modified=float(image.eeprom_ts), headers=dict(REVALIDATE),
-                            after=after)
         return Response(body=image.image, content_type="application/octet-stream",
                         etag=f'"{image.sha256}"', last_modified=float(image.eeprom_ts),
-                        headers=dict(SECRET_HEADERS), after=after)
+                        headers=dict(SECRET_HEADERS),
+                        after=self._recorder(request, node, "pieeprom.bin"))
+
+    def pieeprom_sig(self, request: Request) -> Response:
+        node = self._node(request)
+        image = self.service.node_image(node)
+        return Response(body=image.sig, etag=f'"{image.sha256}.sig"',
+                        last_modified=float(image.eeprom_ts), headers=dict(REVALIDATE))
+
+    def eeprom_digest(self, request: Request) -> Response:
+        node = self._node(request)
+        image = self.service.node_image(node)
+        return Response.text(image.sha256 + "\n", headers=dict(SECRET_HEADERS),
+                             after=self._recorder(request, node, "eeprom-digest"))
+
+
+def _p(path: str) -> tuple[str, ...]:
+    return tuple(Path(path).parts[1:])
+
+
+def build_routes(service: Service, binder: NodeBinder) -> list[Route]:
+    """The one route table of the server (both listeners)."""
+    n = NodeRoutes(service, binder)
+    a = admin.AdminRoutes(service)
+    conf = "/walt-vpn/node-conf/"
+    node_file = "/walt-vpn/node/{mac}/"
+    return [
+        # public: anyone; never a secret, never a state write by an unbound client
+        Route(GET, _p("/walt-vpn/server"), "public", n.server),
+        Route(GET, _p("/walt-vpn/revoked-keys"), "public", n.revoked_keys),
+        Route(GET, _p(conf + "ssh-entrypoint"), "public", n.ssh_entrypoint),
+        Route(GET, _p(conf + "http-entrypoint"), "public", n.http_entrypoint),
+        Route(GET, _p(conf + "public.pem"), "public", n.public_pem),
+        Route(GET, _p(conf + "ssh-entrypoint-host-keys"), "public", n.host_keys),
+        Route(GET, _p(conf + "ssh-ca.pub"), "public", n.ssh_ca_pub),
+        Route(GET, _p("/walt-vpn/boot/boot.img"), "public", n.site_boot_img),
+        Route(GET, _p("/walt-vpn/boot/boot.sig"), "public", n.site_boot_sig),
+        Route(GET, _p(node_file + "boot.img"), "public", n.node_boot_img),
+        Route(GET, _p(node_file + "boot.sig"), "public", n.node_boot_sig),
+        # node: the bound node only
+        Route(("POST",), _p("/walt-vpn/enroll"), "node", n.enroll),
+        Route(GET, _p(conf + "creds"), "node", n.creds),
+        Route(GET, _p(conf + "ssh-pubkey-cert"), "node", n.cert),
+        Route(GET, _p(conf + "vpn-mac"), "node", n.vpn_mac),
+        Route(GET, _p(conf + "http-path"), "node", n.http_path),
+        Route(GET, _p(conf + "boot-mode"), "node", n.boot_mode),
+        Route(GET, _p(node_file + "pieeprom.bin"), "node", n.pieeprom_bin),
+        Route(GET, _p(node_file + "pieeprom.sig"), "node", n.pieeprom_sig),
+        Route(GET, _p(node_file + "eeprom-digest"), "node", n.eeprom_digest),
+        # admin: loopback listener
+        Route(GET, (), "admin", a.status, "admin"),
+        Route(GET, ("status",), "admin", a.status, "admin"),
+        Route(GET, ("api", "nodes"), "admin", a.nodes, "admin"),
+        Route(GET, ("api", "artifacts"), "admin", a.artifacts, "admin"),
+        Route(GET, ("api", "nodes", "{mac}"), "admin", a.node, "admin"),
+        Route(GET, ("api", "nodes", "{mac}", "pieeprom.bin"), "admin", a.pieeprom_bin, "admin"),
+        Route(GET, ("api", "nodes", "{mac}", "eeprom-digest"), "admin", a.eeprom_digest, "admin"),
+        Route(("POST",), ("api", "nodes", "{mac}", "mode"), "admin", a.set_mode, "admin"),
+        Route(("POST",), ("api", "nodes", "{mac}", "revoke"), "admin", a.revoke, "admin"),
+        Route(("POST",), ("api", "nodes", "{mac}", "forget"), "admin", a.forget, "admin"),
+    ]

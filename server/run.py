@@ -6,16 +6,20 @@ import logging
 import signal
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from types import FrameType
 
-from .admin import AdminApp
 from .config import ServerConfig
-from .http import FwbuildHTTPServer
-from .routes import NodeApp
+from .identity import NodeBinder
+from .listener import Listeners, bind_socket
+from .routes import build_routes
 from .service import Service
+from .web import WebApp
 
 log = logging.getLogger("fwbuild.server")
+
+WORKERS = 16  # handler threads (SQLite, EEPROM rendering); file bodies never use them
 
 
 @dataclass
@@ -23,44 +27,39 @@ class RunningServer:
     """Both listeners of a started server (tests use it in-process)."""
 
     service: Service
-    node: FwbuildHTTPServer
-    admin: FwbuildHTTPServer
-    threads: tuple[threading.Thread, ...]
-
-    @property
-    def port(self) -> int:
-        return self.node.port
-
-    @property
-    def admin_port(self) -> int:
-        return self.admin.port
+    listeners: Listeners
+    executor: ThreadPoolExecutor
+    port: int
+    admin_port: int
 
     def stop(self) -> None:
         """Graceful: stop accepting, finish in-flight responses, close the database."""
-        for listener in (self.node, self.admin):
-            listener.drain()
-        for thread in self.threads:
-            thread.join()
+        self.listeners.stop()
+        self.executor.shutdown(wait=True, cancel_futures=True)
         self.service.close()
 
 
 def start_server(config: ServerConfig, service: Service | None = None) -> RunningServer:
     service = service or Service(config)
-    node = FwbuildHTTPServer((config.listen, config.port), NodeApp(service))
+    service.check_artifacts()  # no fake firmware: a set that cannot be served stops here
+    binder = NodeBinder(config)
+    routes = build_routes(service, binder)
+    executor = ThreadPoolExecutor(WORKERS, thread_name_prefix="fwbuild-handler")
+    node_sock = bind_socket(config.listen, config.port)
     try:
-        admin = FwbuildHTTPServer((config.admin.listen, config.admin.port), AdminApp(service))
+        admin_sock = bind_socket(config.admin.listen, config.admin.port)
     except BaseException:
-        node.server_close()
+        node_sock.close()
         raise
-    threads = tuple(
-        threading.Thread(target=listener.serve_forever, kwargs={"poll_interval": 0.2},
-                         name=name, daemon=True)
-        for name, listener in (("fwbuild-node-http", node), ("fwbuild-admin-http", admin)))
-    for thread in threads:
-        thread.start()
-    log.info("serving nodes on %s:%d, admin on %s:%d, artifacts %s", config.listen, node.port,
-             config.admin.listen, admin.port, config.artifacts)
-    return RunningServer(service, node, admin, threads)
+    listeners = Listeners([
+        (node_sock, WebApp(routes, "node", binder.bind_request, executor)),
+        (admin_sock, WebApp(routes, "admin", binder.bind_request, executor)),
+    ])
+    listeners.start()
+    port, admin_port = listeners.ports
+    log.info("serving nodes on %s:%d, admin on %s:%d, artifacts %s", config.listen, port,
+             config.admin.listen, admin_port, config.artifacts)
+    return RunningServer(service, listeners, executor, port, admin_port)
 
 
 def run_server(config: ServerConfig, ready: Callable[[RunningServer], None] | None = None) -> None:

@@ -8,6 +8,7 @@ the RevokedKeys file is rewritten under an flock).
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +17,7 @@ from fwbuild.errors import UsageError
 from fwbuild.keys import KeyPaths, check_private_mode, load_boot_key, load_ssh_ca
 
 from . import BOOT_MODES
-from .artifacts import ArtifactSet
+from .artifacts import ArtifactMissing, ArtifactSet
 from .certs import (
     build_creds,
     issue_certificate,
@@ -37,6 +38,7 @@ from .db import (
     list_nodes,
     next_counter,
     node_certs,
+    prune_events,
     recent_events,
     revoked_public_keys,
 )
@@ -45,6 +47,7 @@ from .macs import colon_mac, normalise_mac, vpn_mac
 from .nodeimg import NodeImageRenderer, NodeValues, RenderedImage, http_path, node_root
 
 log = logging.getLogger("fwbuild.server")
+PRUNE_EVERY = 100  # events: prune by age and count every this many inserts
 
 
 @dataclass(frozen=True)
@@ -72,14 +75,29 @@ class Service:
         check_private_mode(paths.boot_key)
         check_private_mode(paths.ssh_ca)
         config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(config.state_dir, 0o700)  # node keys live here (database, EEPROM cache)
         self.db = Database(config.database)
         self.artifacts = ArtifactSet(config.artifacts, config.state_dir, self.boot_key)
-        self.renderer = NodeImageRenderer(config, self.boot_key, self.artifacts.eeprom_base)
+        self.renderer = NodeImageRenderer(config, self.boot_key, self.artifacts.eeprom_base,
+                                          allow_synthetic=self.artifacts.is_virtual())
+        removed = self.renderer.remove_stale_temp_files()
+        if removed:
+            log.info("removed %d stale temporary file(s) from %s", removed,
+                     config.state_dir / "eeprom")
         self.known_hosts = known_hosts(config.ssh_entrypoint, config.ssh_host_keys)
         self.sync_revoked_keys()
 
     def close(self) -> None:
         self.db.close()
+
+    def check_artifacts(self) -> None:
+        """ArtifactMissing naming every problem when the artifact set cannot be served."""
+        problems = self.artifacts.check(BOOT_MODES)
+        if problems:
+            raise ArtifactMissing("the artifact set cannot be served: " + "; ".join(problems),
+                                  str(self.config.artifacts),
+                                  "build it (`fwbuild build RECIPE`) or fix server.artifacts "
+                                  "in the config")
 
     # -- reads ---------------------------------------------------------------------------
     def node(self, mac: str) -> NodeRow:
@@ -253,18 +271,21 @@ class Service:
 
     def record(self, node: NodeRow, artifact: str, result: str, client: str | None,
                boot: bool = False) -> None:
-        """An event for a per-node fetch; updates last_seen (and last_boot for boot.img)."""
+        """An event for a fetch by the bound node itself (its address or its certificate);
+        updates last_seen, and last_boot when `boot` (the whole boot.img was sent)."""
         now = int(time.time())
         with self.db.transaction() as conn:
             self._event(conn, node.mac, artifact, result, client, now)
             conn.execute("UPDATE nodes SET last_seen = ?, last_boot = CASE WHEN ? THEN ? "
                          "ELSE last_boot END WHERE mac = ?", (now, boot, now, node.mac))
 
-    @staticmethod
-    def _event(conn: Any, mac12: str, artifact: str, result: str, client: str | None,
+    def _event(self, conn: Any, mac12: str, artifact: str, result: str, client: str | None,
                now: int) -> None:
-        conn.execute("INSERT INTO events(node_mac, artifact, time, result, client) "
-                     "VALUES (?, ?, ?, ?, ?)", (mac12, artifact, now, result, client))
+        cursor = conn.execute("INSERT INTO events(node_mac, artifact, time, result, client) "
+                              "VALUES (?, ?, ?, ?, ?)", (mac12, artifact, now, result, client))
+        if cursor.lastrowid is not None and cursor.lastrowid % PRUNE_EVERY == 0:
+            prune_events(conn, now - self.config.events_max_age_days * 86400,
+                         self.config.events_max_count)
 
     def sync_revoked_keys(self) -> None:
         """Rewrite RevokedKeys from the database (under an flock, so the newest list wins)."""

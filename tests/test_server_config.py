@@ -15,8 +15,8 @@ from fwbuild.errors import RecipeError, UsageError
 from server.config import Endpoint, HostKey, load_config, parse_config, parse_host_keys
 from server.db import SCHEMA_VERSION, Database, StateError
 from server.errors import HttpError
-from server.http import parse_range, split_path
 from server.macs import normalise_mac, vpn_mac
+from server.web import parse_range, split_path
 
 
 def _base() -> dict[str, Any]:

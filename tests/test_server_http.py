@@ -17,6 +17,7 @@ from test_server_support import (  # noqa: F401 - fixtures
     db_snapshot,
     enroll,
     file_mode,
+    node_ip,
     request,
     running_fixture,
     server_env_fixture,
@@ -32,6 +33,7 @@ from fwbuild.sign import build_sig, parse_sig, verify_sig
 
 MAC = "dc:a6:32:aa:bb:cc"
 MAC12 = "dca632aabbcc"
+NODE = node_ip(MAC12)
 
 
 def _bootconf(image: bytes) -> dict[str, str]:
@@ -53,12 +55,12 @@ def test_enroll_then_fetch_everything(running: Any, server_env: dict[str, Path])
     assert request(port, "GET", "/walt-vpn/node-conf/ssh-entrypoint").text == \
         "vpn.example.org:2222\n"
     assert request(port, "GET", "/walt-vpn/node-conf/http-entrypoint").text == "boot.example.org\n"
-    assert request(port, "GET", "/walt-vpn/node-conf/boot-mode").text == "enforced\n"
+    assert request(port, "GET", "/walt-vpn/node-conf/boot-mode", source=NODE).text == "enforced\n"
     # Every accepted MAC spelling names the same node.
     for spelling in (MAC12, MAC.upper(), MAC.replace(":", "-")):
-        assert request(port, "GET", f"/walt-vpn/node-conf/vpn-mac?mac={spelling}").text == \
+        assert request(port, "GET", f"/walt-vpn/node-conf/vpn-mac?mac={spelling}", source=NODE).text == \
             info["vpn_mac"] + "\n"
-    assert request(port, "GET", f"/walt-vpn/node-conf/http-path?mac={MAC12}").text == \
+    assert request(port, "GET", f"/walt-vpn/node-conf/http-path?mac={MAC12}", source=NODE).text == \
         f"walt-vpn/node/{MAC12}\n"
     hostkeys = request(port, "GET", "/walt-vpn/node-conf/ssh-entrypoint-host-keys").text
     assert hostkeys.startswith("[vpn.example.org]:2222 ssh-ed25519 AAAA")
@@ -70,7 +72,7 @@ def test_enroll_then_fetch_everything(running: Any, server_env: dict[str, Path])
                                            serialization.PublicFormat.SubjectPublicKeyInfo)
 
     # boot.img + boot.sig: the sig is made once (no boot.sig in the artifacts) and verifies.
-    img = request(port, "GET", f"/walt-vpn/node/{MAC12}/boot.img")
+    img = request(port, "GET", f"/walt-vpn/node/{MAC12}/boot.img", source=NODE)
     assert img.status == 200
     assert img.body == (server_env["artifacts"] / "bootimg/boot.img").read_bytes()
     assert img.headers["etag"] == f'"{sha256(img.body)}"'
@@ -81,11 +83,26 @@ def test_enroll_then_fetch_everything(running: Any, server_env: dict[str, Path])
     assert list((server_env["state"] / "sigcache").glob("*.sig"))
     assert request(port, "GET", f"/walt-vpn/node/{MAC12}/boot.sig").body == sig.body
 
-    # Events are recorded per node, last boot set.
-    show = request(running.admin_port, "GET", f"/api/nodes/{MAC12}").json()
+    # Events are recorded for the bound node only; the whole boot.img sets the last boot
+    # (after the body went out: the client may be a moment ahead of the record).
+    import time
+
+    deadline = time.monotonic() + 30
+    while (show := request(running.admin_port, "GET", f"/api/nodes/{MAC12}").json())[
+            "last_boot"] is None and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert show["last_boot"] is not None
     artifacts = [e["artifact"] for e in show["events"]]
-    assert "boot.img" in artifacts and "boot.sig" in artifacts and "enroll" in artifacts
+    assert artifacts.count("boot.img") == 1 and "enroll" in artifacts
+    assert "boot.sig" not in artifacts  # public, not a boot
+    # The site's boot image for the recovery EEPROM's first boot: same bytes, no MAC.
+    site = request(port, "GET", "/walt-vpn/boot/boot.img", source=OUTSIDE)
+    assert site.status == 200 and site.body == img.body
+    assert request(port, "GET", "/walt-vpn/boot/boot.sig", source=OUTSIDE).body == sig.body
+    # Another client (not the bound node) fetching the node's boot.img records nothing.
+    before = db_snapshot(server_env["state"] / "fwbuild-server.sqlite3")
+    assert request(port, "GET", f"/walt-vpn/node/{MAC12}/boot.img", source=INSIDE).status == 200
+    assert db_snapshot(server_env["state"] / "fwbuild-server.sqlite3") == before
 
 
 def test_node_eeprom_verifies_and_follows_mode(running: Any,
@@ -93,7 +110,7 @@ def test_node_eeprom_verifies_and_follows_mode(running: Any,
     port = running.port
     assert enroll(port, MAC).status == 201
     boot_pub = load_boot_key(KeyPaths(server_env["keys"]).boot_key).public_key()
-    image = request(port, "GET", f"/walt-vpn/node/{MAC12}/pieeprom.bin")
+    image = request(port, "GET", f"/walt-vpn/node/{MAC12}/pieeprom.bin", source=NODE)
     assert image.status == 200 and len(image.body) == 2 * 1024 * 1024
     report = verify_eeprom(image.body, boot_pub)
     assert report.signed
@@ -103,12 +120,12 @@ def test_node_eeprom_verifies_and_follows_mode(running: Any,
     assert conf["HTTP_PATH"] == f"walt-vpn/node/{MAC12}"
     assert conf["WALT_VPN_ENTRYPOINT"] == "vpn.example.org:2222"
     assert conf["WALT_VPN_ROOT"] == f"/var/lib/walt/nodes/{MAC12}/fs"
-    digest = request(port, "GET", f"/walt-vpn/node/{MAC12}/eeprom-digest").text.strip()
+    digest = request(port, "GET", f"/walt-vpn/node/{MAC12}/eeprom-digest", source=NODE).text.strip()
     assert digest == sha256(image.body)
-    sig = parse_sig(request(port, "GET", f"/walt-vpn/node/{MAC12}/pieeprom.sig").body)
+    sig = parse_sig(request(port, "GET", f"/walt-vpn/node/{MAC12}/pieeprom.sig", source=NODE).body)
     assert sig.sha256 == digest and sig.target_soc == "2712"
     # Deterministic: the same request gives the same bytes (cache or not).
-    assert request(port, "GET", f"/walt-vpn/node/{MAC12}/pieeprom.bin").body == image.body
+    assert request(port, "GET", f"/walt-vpn/node/{MAC12}/pieeprom.bin", source=NODE).body == image.body
     cached = list((server_env["state"] / "eeprom" / MAC12).glob("*.bin.gz"))
     assert len(cached) == 1 and file_mode(cached[0]) == 0o600
 
@@ -121,24 +138,24 @@ def test_node_eeprom_verifies_and_follows_mode(running: Any,
     result = CliRunner().invoke(main, ["nodes", "set-mode", MAC, "permissive",
                                        "--config", str(server_env["config"])])
     assert result.exit_code == 0, result.output
-    new_digest = request(port, "GET", f"/walt-vpn/node/{MAC12}/eeprom-digest").text.strip()
+    new_digest = request(port, "GET", f"/walt-vpn/node/{MAC12}/eeprom-digest", source=NODE).text.strip()
     assert new_digest != digest
     assert new_digest in result.output
-    image2 = request(port, "GET", f"/walt-vpn/node/{MAC12}/pieeprom.bin").body
+    image2 = request(port, "GET", f"/walt-vpn/node/{MAC12}/pieeprom.bin", source=NODE).body
     assert sha256(image2) == new_digest
     verify_eeprom(image2, boot_pub)
     conf2 = _bootconf(image2)
     assert conf2["BOOT_ORDER"] == "0xf127" and conf2["WALT_VPN_BOOT_MODE"] == "permissive"
     assert conf2["ENABLE_SELF_UPDATE"] == "1"
-    assert request(port, "GET", f"/walt-vpn/node-conf/boot-mode?mac={MAC12}").text == \
+    assert request(port, "GET", f"/walt-vpn/node-conf/boot-mode?mac={MAC12}", source=NODE).text == \
         "permissive\n"
     # Back to the site default (enforced): the digest changes again.
     assert CliRunner().invoke(main, ["nodes", "set-mode", MAC, "default", "--config",
                                      str(server_env["config"])]).exit_code == 0
-    final = request(port, "GET", f"/walt-vpn/node/{MAC12}/eeprom-digest").text.strip()
+    final = request(port, "GET", f"/walt-vpn/node/{MAC12}/eeprom-digest", source=NODE).text.strip()
     assert final not in (digest, new_digest)
     assert _bootconf(request(port, "GET",
-                             f"/walt-vpn/node/{MAC12}/pieeprom.bin").body)["BOOT_ORDER"] == "0xf7"
+                             f"/walt-vpn/node/{MAC12}/pieeprom.bin", source=NODE).body)["BOOT_ORDER"] == "0xf7"
 
 
 def test_node_eeprom_uses_the_build_base_image(server_env: dict[str, Path]) -> None:
@@ -152,7 +169,7 @@ def test_node_eeprom_uses_the_build_base_image(server_env: dict[str, Path]) -> N
     srv = start_server(load_config(server_env["config"]))
     try:
         enroll(srv.port, MAC)
-        image = request(srv.port, "GET", f"/walt-vpn/node/{MAC12}/pieeprom.bin").body
+        image = request(srv.port, "GET", f"/walt-vpn/node/{MAC12}/pieeprom.bin", source=NODE).body
     finally:
         srv.stop()
     assert parse_image(image).layout == "non-ab"  # the default synthetic base is "ab"
@@ -223,12 +240,12 @@ def test_enroll_with_node_key_and_multipart(running: Any, tmp_path: Path) -> Non
     body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"mac\"\r\n\r\n{MAC}\r\n"
             f"--{boundary}\r\nContent-Disposition: form-data; name=\"ssh-pubkey\"\r\n\r\n{pub}\r\n"
             f"--{boundary}--\r\n").encode()
-    reply = request(running.port, "POST", "/walt-vpn/enroll", body=body,
+    reply = request(running.port, "POST", "/walt-vpn/enroll", body=body, source=NODE,
                     headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
     assert reply.status == 201, reply.body
     cert = reply.json()["certificate"]
     assert cert.startswith("ecdsa-sha2-nistp384-cert-v01@openssh.com ")
-    creds = request(running.port, "GET", f"/walt-vpn/node-conf/creds?mac={MAC12}").text.strip()
+    creds = request(running.port, "GET", f"/walt-vpn/node-conf/creds?mac={MAC12}", source=NODE).text.strip()
     from server.certs import read_creds
 
     files = read_creds(creds)
@@ -294,12 +311,14 @@ def test_secrets_and_files_modes(running: Any, server_env: dict[str, Path]) -> N
     assert file_mode(state) == 0o700
     snapshot = db_snapshot(state / "fwbuild-server.sqlite3")
     for path in (f"/walt-vpn/node/{MAC12}/pieeprom.bin", f"/walt-vpn/node-conf/creds?mac={MAC12}",
-                 f"/walt-vpn/node-conf/ssh-pubkey-cert?mac={MAC12}"):
-        assert request(running.port, "GET", path, source=OUTSIDE).status == 403
+                 f"/walt-vpn/node-conf/ssh-pubkey-cert?mac={MAC12}",
+                 f"/walt-vpn/node/{MAC12}/eeprom-digest", f"/walt-vpn/node/{MAC12}/pieeprom.sig"):
+        for source in (OUTSIDE, INSIDE):  # off the subnets; on them but not this node
+            assert request(running.port, "GET", path, source=source).status == 403
     assert db_snapshot(state / "fwbuild-server.sqlite3") == snapshot
     # Public values are served to anyone.
-    for path in (f"/walt-vpn/node/{MAC12}/boot.sig", f"/walt-vpn/node/{MAC12}/eeprom-digest",
-                 f"/walt-vpn/node/{MAC12}/pieeprom.sig", "/walt-vpn/node-conf/public.pem"):
+    for path in (f"/walt-vpn/node/{MAC12}/boot.sig", "/walt-vpn/boot/boot.sig",
+                 "/walt-vpn/node-conf/public.pem"):
         assert request(running.port, "GET", path, source=OUTSIDE).status == 200, path
 
 
@@ -359,9 +378,9 @@ def test_graceful_stop_finishes_inflight(server_env: dict[str, Path]) -> None:
 @pytest.mark.parametrize("prefer,kind", [("errors=json", "application/json"),
                                          ("errors=text-only", "text/plain")])
 def test_prefer_on_parser_errors(running: Any, prefer: str, kind: str) -> None:
-    reply = request(running.port, "FROB", "/walt-vpn/server", headers={"Prefer": prefer})
+    reply = request(running.port, "DELETE", "/walt-vpn/server", headers={"Prefer": prefer})
     assert reply.status == 405 and reply.headers["content-type"].startswith(kind)
-    assert reply.headers["allow"] == "GET, HEAD, POST"
+    assert reply.headers["allow"] == "GET, HEAD"
     assert INSIDE  # loopback only
 
 
@@ -383,3 +402,16 @@ def test_non_ascii_digits_in_range_are_ignored(running: Any) -> None:
     assert enroll(port, MAC).status == 201
     reply = request(port, "GET", f"/walt-vpn/node/{MAC12}/boot.img", headers={"Range": "bytes=\xb2-"})
     assert reply.status == 200
+
+
+def test_pipelined_requests_all_answered(running: Any) -> None:
+    import socket
+
+    one = b"GET /walt-vpn/server HTTP/1.1\r\nHost: x\r\n\r\n"
+    last = b"GET /walt-vpn/server HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", running.port), timeout=30) as sock:
+        sock.sendall(one * 3 + last)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    assert data.count(b"HTTP/1.1 200 OK") == 4 and data.count(b"walt-server\n") == 4

@@ -16,7 +16,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_server_support import Reply, copy_keys, enroll, make_artifacts, request, write_config
+from test_server_support import (
+    Reply,
+    copy_keys,
+    enroll,
+    make_artifacts,
+    node_ip,
+    request,
+    write_config,
+)
 
 from server.certs import load_certificate
 
@@ -192,7 +200,8 @@ def test_sigkill_during_load_restarts_consistent(env: dict[str, Any]) -> None:
             assert stored[mac12] == (info["vpn_mac"], info["serial"])
         # Nodes committed without an answer (killed mid-response) are still complete.
         for mac12 in stored:
-            digest = request(env["port"], "GET", f"/walt-vpn/node/{mac12}/eeprom-digest")
+            digest = request(env["port"], "GET", f"/walt-vpn/node/{mac12}/eeprom-digest",
+                             source=node_ip(mac12))
             assert digest.status == 200 and len(digest.text.strip()) == 64
         # The restarted server goes on allocating fresh VPN MACs and serials.
         more = _storm(env["port"], 20, offset=1000)

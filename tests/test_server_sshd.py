@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from test_server_support import copy_keys, enroll, make_artifacts, request, write_config
+from test_server_support import copy_keys, enroll, make_artifacts, node_ip, request, write_config
 
 from fwbuild.cli import main
 from fwbuild.eeprom.bootconf import parse_bootconf
@@ -108,7 +108,8 @@ def _node_files(port: int, directory: Path) -> dict[str, Path]:
     """The node's SSH files, unpacked from WALT_VPN_CREDS in its pieeprom.bin."""
     from server.certs import read_creds
 
-    image = request(port, "GET", f"/walt-vpn/node/{MAC12}/pieeprom.bin").body
+    image = request(port, "GET", f"/walt-vpn/node/{MAC12}/pieeprom.bin",
+                    source=node_ip(MAC12)).body
     conf = parse_bootconf(parse_image(image).read_file("bootconf.txt").decode())
     directory.mkdir()
     paths = {}

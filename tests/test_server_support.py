@@ -1,8 +1,9 @@
 """Helpers shared by the server tests (no tests here): artifact sets, configs, clients.
 
-Everything runs on loopback: the server binds 127.0.0.1; "outside the enrollment
-subnets" is simulated by connecting from 127.0.0.2 while the subnets are 127.0.0.1/32
-(or by configuring 192.0.2.0/24, a documentation range that is never contacted).
+Everything runs on loopback: the server binds 127.0.0.1. The enrollment subnet is
+127.0.0.0/9; each test node has its own source address there (`node_ip(mac)`, bound in
+the config's `node_addresses` file); 127.0.0.1 (INSIDE) is on the subnet but bound to no
+node; "outside the enrollment subnets" is 127.200.0.2 (OUTSIDE).
 """
 
 from __future__ import annotations
@@ -22,7 +23,29 @@ from typing import Any
 import pytest
 
 INSIDE = "127.0.0.1"
-OUTSIDE = "127.0.0.2"
+OUTSIDE = "127.200.0.2"
+SUBNETS = ["127.0.0.0/9"]
+EXTRA_NODES = ("dca632aabbcc", "dca632123456", "001122334455", "dca632000077")
+
+
+def mac12_of(mac: str) -> str:
+    return mac.lower().replace(":", "").replace("-", "")
+
+
+def node_ip(mac: str) -> str:
+    """The loopback source address bound to a test node's MAC."""
+    m = mac12_of(mac)
+    return f"127.{1 if m.startswith('dca632') else 2}.{int(m[8:10], 16)}.{int(m[10:12], 16)}"
+
+
+def bound_test_macs(count: int = 1024) -> list[str]:
+    """MACs bound in the test config: dc:a6:32:00:00:00 + i, and a few others."""
+    return [f"dca632{i:06x}" for i in range(count)] + list(EXTRA_NODES)
+
+
+def write_node_addresses(path: Path, macs: list[str]) -> Path:
+    path.write_text("# test nodes: MAC IP\n" + "".join(f"{m} {node_ip(m)}\n" for m in macs))
+    return path
 HOST_KEY_LINE = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl"
 
 
@@ -37,15 +60,22 @@ def make_artifacts(directory: Path, size: int = 3 * 1024 * 1024 + 17) -> Path:
             chunk = block[: size - written]
             handle.write(chunk)
             written += len(chunk)
-    (directory / "manifest.json").write_text(json.dumps({"source_date_epoch": 1700000000}))
+    # A virtual-recipe set: nodes get the synthetic EEPROM base (a real set must carry its own).
+    (directory / "manifest.json").write_text(json.dumps(
+        {"source_date_epoch": 1700000000, "recipe": {"name": "test", "target": "virtual"}}))
     return directory
 
 
 def write_config(path: Path, *, artifacts: Path, state: Path, keys: Path,
                  subnets: list[str] | None = None, port: int = 0, admin_port: int = 0,
                  ssh: str = "vpn.example.org:2222", host_keys: list[str] | None = None,
-                 mode: str = "enforced", extra: str = "") -> Path:
-    subnets = subnets if subnets is not None else ["127.0.0.1/32"]
+                 mode: str = "enforced", extra: str = "",
+                 nodes: list[str] | None = None) -> Path:
+    subnets = subnets if subnets is not None else SUBNETS
+    if "node_addresses" not in extra:
+        addresses = write_node_addresses(path.parent / "node-addresses.txt",
+                                         nodes if nodes is not None else bound_test_macs())
+        extra = f'node_addresses = "{addresses}"\n' + extra
     keys_list = host_keys if host_keys is not None else [HOST_KEY_LINE]
     path.write_text(f"""
 [server]
@@ -105,14 +135,15 @@ def request(port: int, method: str, path: str, *, body: bytes | None = None,
         conn.close()
 
 
-def enroll(port: int, mac: str, pubkey: str | None = None, source: str = INSIDE) -> Reply:
+def enroll(port: int, mac: str, pubkey: str | None = None, source: str | None = None) -> Reply:
     from urllib.parse import urlencode
 
     fields = {"mac": mac}
     if pubkey:
         fields["ssh-pubkey"] = pubkey
     return request(port, "POST", "/walt-vpn/enroll", body=urlencode(fields).encode(),
-                   headers={"Content-Type": "application/x-www-form-urlencoded"}, source=source)
+                   headers={"Content-Type": "application/x-www-form-urlencoded"},
+                   source=source or node_ip(mac))
 
 
 def raw_request(port: int, data: bytes, source: str = INSIDE, timeout: float = 30) -> Reply:

@@ -52,12 +52,23 @@ def _echo(info: Any, as_json: bool, text: str) -> None:
 @config_option
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
               default="info", show_default=True, help="One line per response at info.")
-def serve(config_path: Path, log_level: str) -> None:
+@click.option("--check", is_flag=True,
+              help="Validate the config, keys, state and artifact set, then exit (0: servable).")
+def serve(config_path: Path, log_level: str, check: bool) -> None:
     """Serve artifacts to nodes, enroll them, track their boot modes (until SIGTERM)."""
     from server.config import load_config
     from server.run import run_server
 
     config = load_config(config_path)
+    if check:
+        with _service(config_path) as service:
+            service.check_artifacts()
+            virtual = " (virtual recipe: synthetic EEPROM base)" if \
+                service.artifacts.is_virtual() else ""
+        click.echo(f"{config_path}: OK; artifacts {config.artifacts}{virtual}; "
+                   f"state {config.state_dir}; node binding "
+                   f"{config.node_addresses_file or 'kernel neighbour table'}")
+        return
     logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 

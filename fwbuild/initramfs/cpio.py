@@ -112,6 +112,9 @@ def pack_entry(entry: CpioEntry) -> bytes:
     return out + entry.data + b"\0" * _pad4(len(entry.data))
 
 
+_HEX_DIGITS = frozenset(b"0123456789abcdefABCDEF")
+
+
 def parse_entry(data: bytes, offset: int) -> tuple[CpioEntry, int]:
     """Parse the member at `offset`; return it and the offset of the next member."""
     where = f"cpio offset {offset}"
@@ -125,10 +128,10 @@ def parse_entry(data: bytes, offset: int) -> tuple[CpioEntry, int]:
     for index, field in enumerate(_FIELDS):
         start = 6 + index * _FIELD_LEN
         text = header[start:start + _FIELD_LEN]
-        try:
-            values[field] = int(text, 16)
-        except ValueError:
-            raise FormatError(f"cpio field {field} is not hexadecimal: {text!r}", where) from None
+        # Exactly 8 hex digits: int(x, 16) would also take "-0000001", "+fff", " 0x1f" or "1_00".
+        if len(text) != _FIELD_LEN or not all(c in _HEX_DIGITS for c in text):
+            raise FormatError(f"cpio field {field} is not hexadecimal (8 digits): {text!r}", where)
+        values[field] = int(text, 16)
     pos = offset + HEADER_SIZE
     name_end = pos + values["namesize"]
     raw_name = data[pos:name_end]
