@@ -15,7 +15,7 @@ from fwbuild.sshgate import forwarder_line, gate_command, gate_line
 
 from .certs import VPN_USER
 from .config import Endpoint, HostKey
-from .http import MAX_BODY
+from .web import MAX_BODY
 
 PROXIES = ("nginx", "haproxy", "apache")
 DROPIN = "/etc/ssh/sshd_config.d/fwbuild-walt-vpn.conf"

@@ -21,7 +21,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from test_server_support import copy_keys, enroll, make_artifacts, request
+from test_server_support import (
+    SUBNETS,
+    copy_keys,
+    enroll,
+    make_artifacts,
+    node_ip,
+    request,
+    write_node_addresses,
+)
 
 from fwbuild.eeprom.bootconf import parse_bootconf
 from fwbuild.eeprom.image import parse_image
@@ -53,7 +61,8 @@ def _node_config(tmp: Path, port: int, mac12: str, http_port: int, jump: int | N
                  jump_known: str = "") -> Path:
     from server.certs import read_creds
 
-    image = request(http_port, "GET", f"/walt-vpn/node/{mac12}/pieeprom.bin").body
+    image = request(http_port, "GET", f"/walt-vpn/node/{mac12}/pieeprom.bin",
+                    source=node_ip(mac12)).body
     conf = parse_bootconf(parse_image(image).read_file("bootconf.txt").decode())
     directory = tmp / f"node-{mac12}"
     directory.mkdir(exist_ok=True)
@@ -97,7 +106,9 @@ def site(tmp_path: Path, session_keys: Path) -> Iterator[Site]:
         "server": {"listen": "127.0.0.1", "port": 0, "hostname": "walt-server",
                    "artifacts": str(make_artifacts(tmp_path / "out", 4096)),
                    "state_dir": str(tmp_path / "state"), "keys_dir": str(keys),
-                   "default_boot_mode": "enforced", "enrollment_subnets": ["127.0.0.1/32"],
+                   "default_boot_mode": "enforced", "enrollment_subnets": SUBNETS,
+                   "node_addresses": str(write_node_addresses(tmp_path / "node-addresses.txt",
+                                                              [MAC_A, MAC_B])),
                    "node_root": str(roots) + "/{mac12}", "revoked_keys_file": str(sshd.revoked)},
         "entrypoints": {"http": "boot.example.org", "ssh": f"127.0.0.1:{sshd.port}",
                         "ssh_host_keys": [sshd.host_public_key.strip()]},
@@ -130,7 +141,8 @@ def _sftp(config: Path, *commands: str) -> subprocess.CompletedProcess[str]:
 
 
 def _expected_digest(site: Site, mac12: str) -> str:
-    return request(site.port, "GET", f"/walt-vpn/node/{mac12}/eeprom-digest").body.decode()
+    return request(site.port, "GET", f"/walt-vpn/node/{mac12}/eeprom-digest",
+                   source=node_ip(mac12)).body.decode()
 
 
 # -- the gate's commands ---------------------------------------------------------------
