@@ -5,7 +5,11 @@ rebinding) and carry no forwarding header (`server.web` enforces it for the clas
 writes must be `POST` with a JSON body (a browser cannot send that cross-origin without
 a preflight, so a web page cannot drive the API).
 
-  GET  /                              HTML status page (no JavaScript)
+  GET  /  (and /status)               HTML status page (refreshes itself by polling /api/status)
+  GET  /nodes/<mac>                   HTML page of one node
+  GET  /api                           every route of both listeners with its access class
+  GET  /api/status                    the status page's model as JSON
+  GET  /healthz                       {"status": "ok"} or 503 (also public on the node listener)
   GET  /api/nodes                     all nodes
   GET  /api/nodes/<mac>               one node, with its certificates and recent events
   GET  /api/nodes/<mac>/pieeprom.bin  the node's rendered EEPROM image (for the SSH gate)
@@ -21,12 +25,14 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from fwbuild.errors import UsageError
+from fwbuild import __version__
+from fwbuild.errors import FwbuildError, UsageError
 
+from . import BOOT_MODES
 from .errors import HttpError
 from .service import Service
-from .status import render_status
-from .web import Request, Response, host_is_loopback
+from .status import render_node, render_status, status_model
+from .web import Request, Response, Route, host_is_loopback
 
 MAX_JSON_DEPTH = 32
 _host_is_loopback = host_is_loopback  # kept for callers of the old name
@@ -69,35 +75,88 @@ def post_json(request: Request) -> dict[str, Any]:
     return value
 
 
+NO_STORE = {"Cache-Control": "no-store"}
+# The page's own script and styles only (inline, in the templates): no third-party origin.
+PAGE_HEADERS = {**NO_STORE, "X-Content-Type-Options": "nosniff", "X-Frame-Options": "DENY",
+                "Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; "
+                "style-src 'unsafe-inline'; connect-src 'self'; img-src 'self'; "
+                "frame-ancestors 'none'; base-uri 'none'; form-action 'none'"}
+
+
+def health(service: Service) -> Response:
+    """`{"status": "ok"}`, or 503 `degraded` when the artifact set cannot be served or the
+    state database does not answer. Counts only: no path, MAC or digest (it is public)."""
+    problems = len(service.artifacts.check(BOOT_MODES))
+    try:
+        nodes = len(service.nodes())
+        database = "ok"
+    except FwbuildError:
+        nodes, database = 0, "unavailable"
+    ok = problems == 0 and database == "ok"
+    return Response.json({"status": "ok" if ok else "degraded", "artifact_problems": problems,
+                          "database": database, "nodes": nodes, "version": __version__},
+                         200 if ok else 503, headers=dict(NO_STORE))
+
+
 class AdminRoutes:
     def __init__(self, service: Service) -> None:
         self.service = service
+        self.routes: list[Route] = []  # the whole table, set by server.routes.build_routes
 
     def status(self, request: Request) -> Response:
+        """HTML status page (refreshes itself from /api/status)."""
         page = render_status(self.service)
         return Response(body=page.encode("utf-8"), content_type="text/html; charset=utf-8",
-                        headers={"Cache-Control": "no-store"})
+                        headers=dict(PAGE_HEADERS))
+
+    def node_page(self, request: Request) -> Response:
+        """HTML page of one node."""
+        page = render_node(self.service, request.params["mac"])
+        return Response(body=page.encode("utf-8"), content_type="text/html; charset=utf-8",
+                        headers=dict(PAGE_HEADERS))
+
+    def status_json(self, request: Request) -> Response:
+        """The status page's model: nodes, events, artifact set, problems."""
+        return Response.json(status_model(self.service), headers=dict(NO_STORE))
+
+    def healthz(self, request: Request) -> Response:
+        """Health: 200 ok, 503 degraded (counts only, no secret)."""
+        return health(self.service)
+
+    def index(self, request: Request) -> Response:
+        """Every route of both listeners with its methods and access class."""
+        return Response.json([
+            {"path": route.path, "methods": list(route.methods), "access": route.access,
+             "listener": route.listener,
+             "summary": (route.handler.__doc__ or "").strip().split("\n")[0]}
+            for route in self.routes])
 
     def nodes(self, request: Request) -> Response:
+        """All nodes."""
         return Response.json([self.service.describe(n) for n in self.service.nodes()])
 
     def artifacts(self, request: Request) -> Response:
+        """Artifact digests, sizes and times."""
         return Response.json(self.service.artifacts.versions())
 
     def node(self, request: Request) -> Response:
+        """One node, with its certificates and recent events."""
         return Response.json(self.service.describe(self.service.node(request.params["mac"]),
                                                    events=50))
 
     def pieeprom_bin(self, request: Request) -> Response:
+        """The node's rendered EEPROM image (for the SSH gate)."""
         image = self.service.node_image(self.service.booting_node(request.params["mac"]))
         return Response(body=image.image, content_type="application/octet-stream",
                         headers={"Cache-Control": "no-store"})
 
     def eeprom_digest(self, request: Request) -> Response:
+        """sha256 of exactly that image."""
         image = self.service.node_image(self.service.booting_node(request.params["mac"]))
         return Response.text(image.sha256 + "\n", headers={"Cache-Control": "no-store"})
 
     def set_mode(self, request: Request) -> Response:
+        """Set the boot mode: {"mode": "enforced" | "permissive" | null}."""
         mode = post_json(request).get("mode")
         if mode is not None and not isinstance(mode, str):
             raise UsageError("`mode` must be a string or null", "body")
@@ -105,10 +164,12 @@ class AdminRoutes:
         return Response.json(self.service.describe(node))
 
     def revoke(self, request: Request) -> Response:
+        """Revoke the node (RevokedKeys, its boot paths answer 403)."""
         post_json(request)
         return Response.json(self.service.describe(self.service.revoke(request.params["mac"])))
 
     def forget(self, request: Request) -> Response:
+        """Remove the node (its certificates stay revoked)."""
         post_json(request)
         self.service.forget(request.params["mac"])
         return Response.json({"forgotten": request.params["mac"]})

@@ -68,6 +68,12 @@ CREATE INDEX certificates_revoked ON certificates(revoked_at) WHERE revoked_at I
     (3, """
 CREATE INDEX events_time ON events(time);
 """),
+    (4, """
+ALTER TABLE nodes ADD COLUMN label TEXT;
+ALTER TABLE nodes ADD COLUMN fetched_digest TEXT;
+ALTER TABLE nodes ADD COLUMN fetched_at INTEGER;
+CREATE UNIQUE INDEX nodes_label ON nodes(label) WHERE label IS NOT NULL;
+"""),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -89,6 +95,9 @@ class NodeRow:
     eeprom_ts: int
     eeprom_digest: str | None
     eeprom_key: str | None
+    label: str | None = None  # the admin's name for the node (`fwbuild nodes label`)
+    fetched_digest: str | None = None  # sha256 of the last pieeprom.bin the node fetched whole
+    fetched_at: int | None = None
 
 
 @dataclass(frozen=True)
@@ -226,6 +235,11 @@ _EVENT_COLS = ", ".join(EventRow.__dataclass_fields__)
 
 def get_node(conn: sqlite3.Connection, mac: str) -> NodeRow | None:
     row = conn.execute(f"SELECT {_NODE_COLS} FROM nodes WHERE mac = ?", (mac,)).fetchone()
+    return NodeRow(*row) if row else None
+
+
+def get_node_by_label(conn: sqlite3.Connection, label: str) -> NodeRow | None:
+    row = conn.execute(f"SELECT {_NODE_COLS} FROM nodes WHERE label = ?", (label,)).fetchone()
     return NodeRow(*row) if row else None
 
 

@@ -7,6 +7,7 @@ Node listener (WalT-compatible, under `/walt-vpn/`):
 - node (the bound node only): `enroll`, `node-conf/creds|ssh-pubkey-cert|vpn-mac|http-path|
   boot-mode`, `node/<mac>/pieeprom.bin|pieeprom.sig|eeprom-digest`.
 Admin listener (loopback): the status page and `/api/...` (server.admin).
+Both: `/healthz` (public on the node listener: counts only, no secret).
 """
 
 from __future__ import annotations
@@ -97,11 +98,13 @@ class NodeRoutes:
         return self.service.booting_node(request.bound_mac)
 
     def _recorder(self, request: Request, node: NodeRow, artifact: str,
-                  boot: bool = False) -> Callable[[int, bool], None]:
+                  boot: bool = False, digest: str | None = None) -> Callable[[int, bool], None]:
         client = request.client
 
         def after(status: int, whole: bool) -> None:
-            self.service.record(node, artifact, str(status), client, boot=boot and whole)
+            fetched = digest if whole and status == 200 else None
+            self.service.record(node, artifact, str(status), client, boot=boot and whole,
+                                fetched=fetched)
         return after
 
     def _bound_by_address(self, request: Request, mac12: str) -> bool:
@@ -198,7 +201,8 @@ class NodeRoutes:
         return Response(body=image.image, content_type="application/octet-stream",
                         etag=f'"{image.sha256}"', last_modified=float(image.eeprom_ts),
                         headers=dict(SECRET_HEADERS),
-                        after=self._recorder(request, node, "pieeprom.bin"))
+                        after=self._recorder(request, node, "pieeprom.bin",
+                                             digest=image.sha256))
 
     def pieeprom_sig(self, request: Request) -> Response:
         node = self._node(request)
@@ -223,7 +227,7 @@ def build_routes(service: Service, binder: NodeBinder) -> list[Route]:
     a = admin.AdminRoutes(service)
     conf = "/walt-vpn/node-conf/"
     node_file = "/walt-vpn/node/{mac}/"
-    return [
+    table = [
         # public: anyone; never a secret, never a state write by an unbound client
         Route(GET, _p("/walt-vpn/server"), "public", n.server),
         Route(GET, _p("/walt-vpn/revoked-keys"), "public", n.revoked_keys),
@@ -236,6 +240,7 @@ def build_routes(service: Service, binder: NodeBinder) -> list[Route]:
         Route(GET, _p("/walt-vpn/boot/boot.sig"), "public", n.site_boot_sig),
         Route(GET, _p(node_file + "boot.img"), "public", n.node_boot_img),
         Route(GET, _p(node_file + "boot.sig"), "public", n.node_boot_sig),
+        Route(GET, ("healthz",), "public", a.healthz),
         # node: the bound node only
         Route(("POST",), _p("/walt-vpn/enroll"), "node", n.enroll),
         Route(GET, _p(conf + "creds"), "node", n.creds),
@@ -249,6 +254,10 @@ def build_routes(service: Service, binder: NodeBinder) -> list[Route]:
         # admin: loopback listener
         Route(GET, (), "admin", a.status, "admin"),
         Route(GET, ("status",), "admin", a.status, "admin"),
+        Route(GET, ("nodes", "{mac}"), "admin", a.node_page, "admin"),
+        Route(GET, ("healthz",), "admin", a.healthz, "admin"),
+        Route(GET, ("api",), "admin", a.index, "admin"),
+        Route(GET, ("api", "status"), "admin", a.status_json, "admin"),
         Route(GET, ("api", "nodes"), "admin", a.nodes, "admin"),
         Route(GET, ("api", "artifacts"), "admin", a.artifacts, "admin"),
         Route(GET, ("api", "nodes", "{mac}"), "admin", a.node, "admin"),
@@ -258,3 +267,5 @@ def build_routes(service: Service, binder: NodeBinder) -> list[Route]:
         Route(("POST",), ("api", "nodes", "{mac}", "revoke"), "admin", a.revoke, "admin"),
         Route(("POST",), ("api", "nodes", "{mac}", "forget"), "admin", a.forget, "admin"),
     ]
+    a.routes = table
+    return table

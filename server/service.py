@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +35,7 @@ from .db import (
     NodeRow,
     get_cert,
     get_node,
+    get_node_by_label,
     insert_cert,
     list_nodes,
     next_counter,
@@ -47,6 +49,7 @@ from .macs import colon_mac, normalise_mac, vpn_mac
 from .nodeimg import NodeImageRenderer, NodeValues, RenderedImage, http_path, node_root
 
 log = logging.getLogger("fwbuild.server")
+LABEL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,31}")
 PRUNE_EVERY = 100  # events: prune by age and count every this many inserts
 
 
@@ -108,6 +111,47 @@ class Service:
             raise NotFound(f"unknown node {colon_mac(mac12)}", hint="enroll it first")
         return node
 
+    def find(self, name: str) -> NodeRow:
+        """A node by its MAC (any accepted form) or its label."""
+        try:
+            mac12 = normalise_mac(name)
+        except UsageError:
+            if not LABEL_RE.fullmatch(name):
+                raise UsageError(f"not a MAC address or node label: {name[:40]!r}", "node",
+                                 "name a node by its MAC (dc:a6:32:...) or the label set with "
+                                 "`fwbuild nodes label MAC NAME`") from None
+            with self.db.connection() as conn:
+                node = get_node_by_label(conn, name)
+            if node is None:
+                raise NotFound(f"no node is labelled {name!r}", "node",
+                               "`fwbuild nodes list` shows every node with its label") from None
+            return node
+        return self.node(mac12)
+
+    def set_label(self, mac: str, label: str | None) -> NodeRow:
+        """Name a node (None: remove its label). Labels are unique and never look like a MAC."""
+        node = self.node(mac)
+        if label is not None:
+            if not LABEL_RE.fullmatch(label):
+                raise UsageError(f"bad node label {label[:40]!r}", "label",
+                                 "1-32 characters: letters, digits, '.', '_' or '-', starting "
+                                 "with a letter or digit")
+            try:
+                normalise_mac(label)
+            except UsageError:
+                pass
+            else:
+                raise UsageError(f"label {label!r} reads as a MAC address", "label",
+                                 "choose a name that is not 12 hex digits")
+        with self.db.transaction() as conn:
+            other = get_node_by_label(conn, label) if label is not None else None
+            if other is not None and other.mac != node.mac:
+                raise Conflict(f"label {label!r} already names {colon_mac(other.mac)}", "label",
+                               f"remove it first: `fwbuild nodes label {colon_mac(other.mac)} "
+                               "--clear`")
+            conn.execute("UPDATE nodes SET label = ? WHERE mac = ?", (label, node.mac))
+        return self.node(node.mac)
+
     def booting_node(self, mac: str) -> NodeRow:
         """The node for a per-node boot path: 404 unknown, 403 revoked."""
         node = self.node(mac)
@@ -151,6 +195,7 @@ class Service:
         cert = self.current_cert(node)
         info: dict[str, Any] = {
             "mac": colon_mac(node.mac),
+            "label": node.label,
             "vpn_mac": node.vpn_mac,
             "state": node.state,
             "boot_mode": self.mode_of(node),
@@ -159,6 +204,8 @@ class Service:
             "last_seen": node.last_seen,
             "last_boot": node.last_boot,
             "eeprom_digest": node.eeprom_digest,
+            "fetched_eeprom_digest": node.fetched_digest,
+            "fetched_eeprom_at": node.fetched_at,
             "http_path": http_path(node.mac),
             "root": node_root(self.config, node.mac, node.vpn_mac),
             "certificate": {
@@ -232,6 +279,10 @@ class Service:
             raise UsageError(f"unknown boot mode {mode!r}", "mode",
                              "use enforced, permissive or default")
         node = self.node(mac)
+        if node.state != "enrolled":
+            raise Conflict(f"node {colon_mac(node.mac)} is revoked: it has no boot mode", "mode",
+                           f"`fwbuild nodes forget {colon_mac(node.mac)}`, then let it enroll "
+                           "again")
         now = int(time.time())
         with self.db.transaction() as conn:
             conn.execute("UPDATE nodes SET boot_mode = ?, eeprom_ts = max(?, eeprom_ts + 1),"
@@ -270,14 +321,18 @@ class Service:
         return node
 
     def record(self, node: NodeRow, artifact: str, result: str, client: str | None,
-               boot: bool = False) -> None:
+               boot: bool = False, fetched: str | None = None) -> None:
         """An event for a fetch by the bound node itself (its address or its certificate);
-        updates last_seen, and last_boot when `boot` (the whole boot.img was sent)."""
+        updates last_seen, last_boot when `boot` (the whole boot.img was sent) and the
+        last fetched EEPROM digest when `fetched` (the whole pieeprom.bin was sent)."""
         now = int(time.time())
         with self.db.transaction() as conn:
             self._event(conn, node.mac, artifact, result, client, now)
             conn.execute("UPDATE nodes SET last_seen = ?, last_boot = CASE WHEN ? THEN ? "
                          "ELSE last_boot END WHERE mac = ?", (now, boot, now, node.mac))
+            if fetched is not None:
+                conn.execute("UPDATE nodes SET fetched_digest = ?, fetched_at = ? WHERE mac = ?",
+                             (fetched, now, node.mac))
 
     def _event(self, conn: Any, mac12: str, artifact: str, result: str, client: str | None,
                now: int) -> None:

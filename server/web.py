@@ -385,7 +385,7 @@ class WebApp:
                             headers={"Allow": "GET, HEAD, POST"})
         raise NotFound("no such resource",
                        hint="node routes live under /walt-vpn/" if self.listener == "node"
-                       else "admin routes: /, /api/nodes, /api/artifacts")
+                       else "admin routes: /, /nodes/<mac>, /api (lists them all)")
 
     def _handle(self, route: Route, request: Request) -> Response:
         self._check_access(route, request)
