@@ -9,7 +9,7 @@ a preflight, so a web page cannot drive the API).
   GET  /nodes/<mac>                   HTML page of one node
   GET  /api                           every route of both listeners with its access class
   GET  /api/status                    the status page's model as JSON
-  GET  /healthz                       {"status": "ok"} or 503 (also public on the node listener)
+(`/healthz`, public on the node listener: {"status": "ok"} or 503 "degraded", counts only.)
   GET  /api/nodes                     all nodes
   GET  /api/nodes/<mac>               one node, with its certificates and recent events
   GET  /api/nodes/<mac>/pieeprom.bin  the node's rendered EEPROM image (for the SSH gate)
@@ -95,7 +95,7 @@ def health(service: Service) -> Response:
     ok = problems == 0 and database == "ok"
     return Response.json({"status": "ok" if ok else "degraded", "artifact_problems": problems,
                           "database": database, "nodes": nodes, "version": __version__},
-                         200 if ok else 503, headers=dict(NO_STORE))
+                         200 if ok else 503, headers={"Cache-Control": "no-cache"})
 
 
 class AdminRoutes:

@@ -7,7 +7,7 @@ Node listener (WalT-compatible, under `/walt-vpn/`):
 - node (the bound node only): `enroll`, `node-conf/creds|ssh-pubkey-cert|vpn-mac|http-path|
   boot-mode`, `node/<mac>/pieeprom.bin|pieeprom.sig|eeprom-digest`.
 Admin listener (loopback): the status page and `/api/...` (server.admin).
-Both: `/healthz` (public on the node listener: counts only, no secret).
+`/healthz` is public on the node listener (counts only, no secret).
 """
 
 from __future__ import annotations
@@ -255,7 +255,6 @@ def build_routes(service: Service, binder: NodeBinder) -> list[Route]:
         Route(GET, (), "admin", a.status, "admin"),
         Route(GET, ("status",), "admin", a.status, "admin"),
         Route(GET, ("nodes", "{mac}"), "admin", a.node_page, "admin"),
-        Route(GET, ("healthz",), "admin", a.healthz, "admin"),
         Route(GET, ("api",), "admin", a.index, "admin"),
         Route(GET, ("api", "status"), "admin", a.status_json, "admin"),
         Route(GET, ("api", "nodes"), "admin", a.nodes, "admin"),

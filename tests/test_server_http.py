@@ -264,7 +264,8 @@ def test_admin_api_status_and_cli(running: Any, server_env: dict[str, Path]) -> 
     assert [n["mac"] for n in nodes] == ["dc:a6:32:00:00:01", MAC]
     page = request(admin, "GET", "/")
     assert page.status == 200 and page.headers["content-type"].startswith("text/html")
-    assert "<script" not in page.text.lower() and MAC in page.text
+    assert "<script src" not in page.text.lower() and MAC in page.text  # inline script only
+    assert "default-src 'none'" in page.headers["content-security-policy"]
     assert "bootimg/boot.img" in page.text
     artifacts = request(admin, "GET", "/api/artifacts").json()
     assert "bootimg/boot.img" in artifacts
