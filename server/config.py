@@ -405,10 +405,16 @@ def parse_config(data: Mapping[str, Any], base_dir: Path) -> ServerConfig:
     if not 100 <= max_count <= 100_000_000:
         raise RecipeError(f"events_max_count {max_count} out of range",
                           "server.events_max_count", "use 100..100000000")
+    server_port = _port(_get(srv, "port", int, "server.", 8080), "server.port")
+    admin_port = _port(_get(adm, "port", int, "admin.", 8081), "admin.port")
+    if admin_port == server_port != 0:
+        raise RecipeError(f"admin.port {admin_port} is also server.port", "admin.port",
+                          "the admin listener needs its own port: e.g. admin.port = "
+                          f"{server_port + 1 if server_port < 65535 else server_port - 1}")
     revoked = path("revoked_keys_file") if "revoked_keys_file" in srv else state_dir / "revoked_keys"
     return ServerConfig(
         listen=listen,
-        port=_port(_get(srv, "port", int, "server.", 8080), "server.port"),
+        port=server_port,
         hostname=_get(srv, "hostname", str, "server.", None) or socket.gethostname(),
         artifacts=path("artifacts"),
         state_dir=state_dir,
@@ -423,7 +429,7 @@ def parse_config(data: Mapping[str, Any], base_dir: Path) -> ServerConfig:
         ssh_host_keys=tuple(keys),
         proxy_jump=_single_line(_get(ent, "proxy_jump", str, "entrypoints."), "entrypoints.proxy_jump"),
         http_proxy=_single_line(_get(ent, "http_proxy", str, "entrypoints."), "entrypoints.http_proxy"),
-        admin=AdminConfig(admin_listen, _port(_get(adm, "port", int, "admin.", 8081), "admin.port")),
+        admin=AdminConfig(admin_listen, admin_port),
         node_addresses=addresses,
         node_addresses_file=addresses_file,
         events_max_age_days=max_age,
@@ -463,6 +469,11 @@ def load_config(path: Path) -> ServerConfig:
             raw = os.read(fd, MAX_CONFIG_FILE + 1)
         finally:
             os.close(fd)
+    except FileNotFoundError:
+        raise RecipeError("server config not found", str(path),
+                          "copy server/server.example.toml (in the fwbuild source tree) to "
+                          f"{path} and edit it, or pass --config PATH (or set "
+                          "FWBUILD_SERVER_CONFIG)") from None
     except OSError as exc:
         raise RecipeError(f"cannot read server config: {exc.strerror}", str(path)) from None
     try:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import signal
+import socket
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from types import FrameType
+
+from fwbuild.errors import FwbuildError
 
 from .config import ServerConfig
 from .identity import NodeBinder
@@ -39,18 +43,49 @@ class RunningServer:
         self.service.close()
 
 
+class ListenError(FwbuildError):
+    """A listener cannot bind its address (in use, not on this host, privileged port)."""
+
+
+_BIND_HINTS = {
+    errno.EADDRINUSE: "another process listens there (`ss -ltnp 'sport = :{port}'` shows which; "
+                      "another `fwbuild serve`?): stop it or change {where} in the config",
+    errno.EADDRNOTAVAIL: "{host} is not an address of this host: fix {where} in the config",
+    errno.EACCES: "ports below 1024 need root or CAP_NET_BIND_SERVICE: use a higher port in "
+                  "{where} (and a reverse proxy in front)",
+}
+
+
+def _bind(host: str, port: int, listener: str, section: str) -> socket.socket:
+    try:
+        return bind_socket(host, port)
+    except OSError as exc:
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        where = f"[{section}] listen/port"
+        hint = _BIND_HINTS.get(exc.errno or 0, "check {where} in the config")
+        raise ListenError(f"the {listener} listener cannot listen on {address}: "
+                          f"{(exc.strerror or str(exc)).lower()}", where,
+                          hint.format(port=port, host=host, where=where)) from None
+
+
 def start_server(config: ServerConfig, service: Service | None = None) -> RunningServer:
+    own = service is None
     service = service or Service(config)
-    service.check_artifacts()  # no fake firmware: a set that cannot be served stops here
+    try:
+        service.check_artifacts()  # no fake firmware: a set that cannot be served stops here
+        node_sock = _bind(config.listen, config.port, "node", "server")
+        try:
+            admin_sock = _bind(config.admin.listen, config.admin.port, "admin", "admin")
+        except BaseException:
+            node_sock.close()
+            raise
+    except BaseException:
+        if own:
+            service.close()
+        raise
     binder = NodeBinder(config)
     routes = build_routes(service, binder)
     executor = ThreadPoolExecutor(WORKERS, thread_name_prefix="fwbuild-handler")
-    node_sock = bind_socket(config.listen, config.port)
-    try:
-        admin_sock = bind_socket(config.admin.listen, config.admin.port)
-    except BaseException:
-        node_sock.close()
-        raise
     listeners = Listeners([
         (node_sock, WebApp(routes, "node", binder.bind_request, executor)),
         (admin_sock, WebApp(routes, "admin", binder.bind_request, executor)),

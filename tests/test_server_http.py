@@ -291,18 +291,20 @@ def test_admin_api_status_and_cli(running: Any, server_env: dict[str, Path]) -> 
     assert len(as_json) == 2
     shown = runner.invoke(main, ["nodes", "show", MAC12, "--config", config])
     assert shown.exit_code == 0 and "vpn_dca632aabbcc" in shown.output
-    revoked = runner.invoke(main, ["nodes", "revoke", MAC, "--config", config])
+    revoked = runner.invoke(main, ["nodes", "revoke", MAC, "--yes", "--config", config])
     assert revoked.exit_code == 0, revoked.output
     assert request(running.port, "GET", f"/walt-vpn/node/{MAC12}/boot.img").status == 403
     assert enroll(running.port, MAC).status == 403  # revoked: must be forgotten first
-    forgotten = runner.invoke(main, ["nodes", "forget", MAC, "--config", config])
+    forgotten = runner.invoke(main, ["nodes", "forget", MAC, "--yes", "--config", config])
     assert forgotten.exit_code == 0
     assert request(running.port, "GET", f"/walt-vpn/node/{MAC12}/boot.img").status == 404
     assert enroll(running.port, MAC).status == 201
     unknown = runner.invoke(main, ["nodes", "show", "00:11:22:33:44:55", "--config", config])
     assert unknown.exit_code == 1 and "unknown node" in unknown.output
-    bad = runner.invoke(main, ["nodes", "show", "nonsense", "--config", config])
-    assert bad.exit_code == 2 and "not a MAC address" in bad.output
+    bad = runner.invoke(main, ["nodes", "show", "not a node!", "--config", config])
+    assert bad.exit_code == 2 and "not a MAC address or node label" in bad.output
+    unlabelled = runner.invoke(main, ["nodes", "show", "nonsense", "--config", config])
+    assert unlabelled.exit_code == 1 and "no node is labelled 'nonsense'" in unlabelled.output
 
 
 def test_secrets_and_files_modes(running: Any, server_env: dict[str, Path]) -> None:

@@ -151,7 +151,7 @@ def test_sshd_accepts_then_refuses_after_revoke(setup: dict[str, Any]) -> None:
     ok = _ssh(files, setup["ssh_port"])
     assert ok.returncode == 0, ok.stderr
 
-    result = CliRunner().invoke(main, ["nodes", "revoke", MAC, "--config", str(setup["config"])])
+    result = CliRunner().invoke(main, ["nodes", "revoke", MAC, "--yes", "--config", str(setup["config"])])
     assert result.exit_code == 0, result.output
     refused = _ssh(files, setup["ssh_port"])
     assert refused.returncode == 255

@@ -112,13 +112,14 @@ def _register() -> None:
         cmd_completion,
         cmd_eeprom,
         cmd_initramfs,
+        cmd_nodes,
         cmd_recovery,
         cmd_server,
         cmd_virtual,
         commands_core,
     )
 
-    for module in (commands_core, cmd_eeprom, cmd_initramfs, cmd_bootimg, cmd_recovery, cmd_server,
+    for module in (commands_core, cmd_eeprom, cmd_initramfs, cmd_bootimg, cmd_recovery, cmd_server, cmd_nodes,
                    cmd_virtual, cmd_completion):
         for command in module.COMMANDS:
             main.add_command(command)

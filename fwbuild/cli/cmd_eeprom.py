@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -12,7 +11,7 @@ import click
 
 from ..errors import UsageError
 from ..fsutil import atomic_write, mode_for
-from ._common import existing_file
+from ._common import emit_json, existing_file, format_epoch, json_option
 
 
 def _read(path: str) -> bytes:
@@ -42,14 +41,14 @@ def eeprom() -> None:
 
 @eeprom.command("inspect")
 @click.argument("image", type=existing_file())
-@click.option("--json", "as_json", is_flag=True, help="Print the description as JSON.")
+@json_option
 def inspect_cmd(image: str, as_json: bool) -> None:
     """Show the layout, section table, config, pubkey, signature status and timestamp."""
     from ..eeprom.assemble import inspect_image
 
     info = inspect_image(_read(image))
     if as_json:
-        click.echo(json.dumps(info, indent=2))
+        emit_json(info)
         return
     click.echo(_render_info(info))
 
@@ -60,7 +59,7 @@ def _render_info(info: dict[str, Any]) -> str:
     lines = [
         f"board:        {info['board']}",
         f"layout:       {info['layout']} ({kind})",
-        f"timestamp:    {ts if ts is not None else 'unset'}",
+        f"timestamp:    {format_epoch(ts) if ts is not None else 'unset'}",
         f"pubkey.bin:   {info['pubkey_sha256']}",
         f"bootconf.sig: {info['bootconf_sig']}",
         "files:",
@@ -156,28 +155,44 @@ def edit_cmd(image: str, out: str, config: str | None, digest: str | None, pubke
 @click.argument("image", type=existing_file())
 @click.option("--key", type=existing_file(), help="Also require bootconf.sig and pubkey.bin to match this key.")
 @click.option("--strict", is_flag=True, help="Unknown bootconf.txt keys are errors, not warnings.")
-def verify_cmd(image: str, key: str | None, strict: bool) -> None:
+@json_option
+def verify_cmd(image: str, key: str | None, strict: bool, as_json: bool) -> None:
     """Check structure, config and bootconf.sig; exit 1 with the reason when anything is off."""
     from ..eeprom.assemble import verify_eeprom
     from ..keys import load_public_key
 
     public = load_public_key(Path(key)) if key is not None else None
     report = verify_eeprom(_read(image), public, strict=strict)
+    if as_json:
+        emit_json({"ok": True, "image": image, "soc": report.soc, "layout": report.layout,
+                   "virtual": report.virtual, "signed": report.signed,
+                   "pubkey_sha256": report.pubkey_sha256, "timestamp": report.timestamp,
+                   "config_sha256": report.config_sha256, "settings": report.settings,
+                   "warnings": [{"warning": w.what, "where": w.where, "hint": w.hint}
+                                for w in report.warnings]})
+        return
     _warn(report.warnings)
     signature = "signed (rsa2048)" if report.signed else "unsigned"
     virtual = ", virtual" if report.virtual else ""
     click.echo(f"OK: {image}: {report.soc} {report.layout} layout{virtual}, bootconf.txt {signature}, "
-               f"pubkey.bin {report.pubkey_sha256 or 'none'}, timestamp {report.timestamp or 'unset'}")
+               f"pubkey.bin {report.pubkey_sha256 or 'none'}, timestamp "
+               f"{format_epoch(report.timestamp) if report.timestamp is not None else 'unset'}")
 
 
 @eeprom.command("diff")
 @click.argument("a", type=existing_file())
 @click.argument("b", type=existing_file())
-def diff_cmd(a: str, b: str) -> None:
+@json_option
+def diff_cmd(a: str, b: str, as_json: bool) -> None:
     """Show config and section differences between two images (exit 1 when they differ)."""
     from ..eeprom.assemble import diff_images
 
     lines = diff_images(_read(a), _read(b))
+    if as_json:
+        emit_json({"identical": not lines, "a": a, "b": b, "differences": lines})
+        if lines:
+            click.get_current_context().exit(1)
+        return
     for line in lines:
         click.echo(line)
     if lines:

@@ -1,18 +1,12 @@
-"""Commands: serve, nodes, entrypoint (the server side; the core lives in `server/`).
-
-`fwbuild nodes ...` opens the server's state database directly (SQLite WAL lets it run
-beside a live server; writers wait for each other) and rewrites the RevokedKeys file
-under the same lock as the server, so it works whether or not the server runs.
-"""
+"""Commands: serve, entrypoint (the server side; the core lives in `server/`; the
+`nodes` commands are in cmd_nodes)."""
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -44,10 +38,6 @@ def _service(config_path: Path) -> Iterator[Any]:
         service.close()
 
 
-def _echo(info: Any, as_json: bool, text: str) -> None:
-    click.echo(json.dumps(info, indent=2, sort_keys=True) if as_json else text)
-
-
 @click.command("serve")
 @config_option
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
@@ -77,103 +67,6 @@ def serve(config_path: Path, log_level: str, check: bool) -> None:
                    f"admin on http://{config.admin.listen}:{running.admin_port}/", err=True)
 
     run_server(config, ready)
-
-
-@click.group("nodes")
-def nodes_group() -> None:
-    """List and administer enrolled nodes (works beside a running server)."""
-
-
-def _when(ts: int | None) -> str:
-    return "never" if ts is None else time.strftime("%Y-%m-%d %H:%M", time.gmtime(ts))
-
-
-@nodes_group.command("list")
-@config_option
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def nodes_list(config_path: Path, as_json: bool) -> None:
-    """One line per node: MAC, VPN MAC, state, boot mode, last boot, expected EEPROM."""
-    with _service(config_path) as service:
-        nodes = [service.describe(n) for n in service.nodes()]
-    if as_json or not nodes:
-        _echo(nodes, as_json, "no node enrolled")
-        return
-    click.echo(f"{'MAC':17}  {'VPN MAC':17}  {'STATE':8}  {'MODE':11}  {'LAST BOOT':16}  EEPROM")
-    for n in nodes:
-        mode = n["boot_mode"] + ("" if n["boot_mode_override"] else "*")
-        click.echo(f"{n['mac']:17}  {n['vpn_mac']:17}  {n['state']:8}  {mode:11}  "
-                   f"{_when(n['last_boot']):16}  {(n['eeprom_digest'] or '-')[:16]}")
-    click.echo("(* = site default)")
-
-
-@nodes_group.command("show")
-@click.argument("mac")
-@config_option
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def nodes_show(mac: str, config_path: Path, as_json: bool) -> None:
-    """Everything about one node: certificate, EEPROM digest, recent events."""
-    with _service(config_path) as service:
-        info = service.describe(service.node(mac), events=20)
-    if as_json:
-        _echo(info, as_json, "")
-        return
-    cert = info["certificate"]
-    for label, value in (
-        ("MAC", info["mac"]), ("VPN MAC", info["vpn_mac"]), ("state", info["state"]),
-        ("boot mode", info["boot_mode"] + ("" if info["boot_mode_override"] else
-                                           " (site default)")),
-        ("HTTP path", info["http_path"]), ("root", info["root"]),
-        ("expected EEPROM", info["eeprom_digest"] or "-"),
-        ("enrolled", _when(info["enrolled_at"])), ("last seen", _when(info["last_seen"])),
-        ("last boot", _when(info["last_boot"])),
-        ("certificate", f"serial {cert['serial']}, key id {cert['key_id']}, valid "
-                        f"{_when(cert['valid_after'])} .. {_when(cert['valid_before'])}"
-                        + (f", REVOKED {_when(cert['revoked_at'])}" if cert["revoked_at"] else "")),
-    ):
-        click.echo(f"{label + ':':17} {value}")
-    for event in info["events"]:
-        click.echo(f"  {_when(event['time'])}  {event['artifact']:14} {event['result']:12} "
-                   f"{event['client'] or ''}")
-
-
-@nodes_group.command("set-mode")
-@click.argument("mac")
-@click.argument("mode", type=click.Choice(["enforced", "permissive", "default"]))
-@config_option
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def nodes_set_mode(mac: str, mode: str, config_path: Path, as_json: bool) -> None:
-    """Override a node's boot mode (`default`: follow the site). Its EEPROM digest changes at once."""
-    with _service(config_path) as service:
-        info = service.describe(service.set_mode(mac, None if mode == "default" else mode))
-    _echo(info, as_json, f"{info['mac']}: boot mode {info['boot_mode']}, "
-                         f"expected EEPROM {info['eeprom_digest']}")
-
-
-@nodes_group.command("revoke")
-@click.argument("mac")
-@config_option
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def nodes_revoke(mac: str, config_path: Path, as_json: bool) -> None:
-    """Revoke a node: its certificate goes to RevokedKeys, its boot paths answer 403."""
-    with _service(config_path) as service:
-        info = service.describe(service.revoke(mac))
-        revoked_keys = service.config.revoked_keys_file
-    _echo(info, as_json, f"{info['mac']}: revoked (certificate serial {info['certificate']['serial']}); "
-                         f"RevokedKeys: {revoked_keys}")
-
-
-@nodes_group.command("forget")
-@click.argument("mac")
-@config_option
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def nodes_forget(mac: str, config_path: Path, as_json: bool) -> None:
-    """Remove a node (its certificates stay revoked); it may then enroll again."""
-    with _service(config_path) as service:
-        node = service.node(mac)
-        service.forget(mac)
-    from server.macs import colon_mac
-
-    _echo({"forgotten": colon_mac(node.mac)}, as_json, f"{colon_mac(node.mac)}: forgotten")
 
 
 @click.group("entrypoint")
@@ -249,4 +142,4 @@ def entrypoint_ssh(forwarding_host: bool, server_ssh: str | None, server_host_ke
     click.echo(ssh_entrypoint_script(ca_pub, endpoint, keys), nl=False)
 
 
-COMMANDS = [serve, nodes_group, entrypoint_group]
+COMMANDS = [serve, entrypoint_group]
