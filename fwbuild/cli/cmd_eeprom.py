@@ -3,19 +3,32 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import click
 
-from ..errors import UsageError
+from ..errors import FwbuildError, UsageError
 from ..fsutil import atomic_write, mode_for
 from ._common import emit_json, existing_file, format_epoch, json_option
 
 
 def _read(path: str) -> bytes:
     return Path(path).read_bytes()
+
+
+@contextlib.contextmanager
+def _about(path: str) -> Iterator[None]:
+    """An image error without a location names the image file."""
+    try:
+        yield
+    except FwbuildError as exc:
+        if exc.where is None:
+            exc.where = path
+        raise
 
 
 def _warn(warnings: Any) -> None:
@@ -46,7 +59,8 @@ def inspect_cmd(image: str, as_json: bool) -> None:
     """Show the layout, section table, config, pubkey, signature status and timestamp."""
     from ..eeprom.assemble import inspect_image
 
-    info = inspect_image(_read(image))
+    with _about(image):
+        info = inspect_image(_read(image))
     if as_json:
         emit_json(info)
         return
@@ -162,7 +176,8 @@ def verify_cmd(image: str, key: str | None, strict: bool, as_json: bool) -> None
     from ..keys import load_public_key
 
     public = load_public_key(Path(key)) if key is not None else None
-    report = verify_eeprom(_read(image), public, strict=strict)
+    with _about(image):
+        report = verify_eeprom(_read(image), public, strict=strict)
     if as_json:
         emit_json({"ok": True, "image": image, "soc": report.soc, "layout": report.layout,
                    "virtual": report.virtual, "signed": report.signed,
