@@ -91,7 +91,7 @@ def test_missing_required_key(tmp_path: Path) -> None:
 
 
 def test_load_config_errors(tmp_path: Path) -> None:
-    with pytest.raises(RecipeError, match="cannot read"):
+    with pytest.raises(RecipeError, match="server config not found"):
         load_config(tmp_path / "absent.toml")
     bad = tmp_path / "bad.toml"
     bad.write_text("[server\n")
@@ -188,7 +188,7 @@ def test_serve_with_bad_config_is_a_clear_error(tmp_path: Path) -> None:
     from fwbuild.cli import main
 
     missing = CliRunner().invoke(main, ["serve", "--config", str(tmp_path / "absent.toml")])
-    assert missing.exit_code == 2 and "cannot read server config" in missing.output
+    assert missing.exit_code == 2 and "server config not found" in missing.output
     typo = tmp_path / "server.toml"
     typo.write_text('[server]\nlisten_port = 80\n')
     result = CliRunner().invoke(main, ["nodes", "list", "--config", str(typo)])
