@@ -97,7 +97,8 @@ def node_view(service: Service, node: NodeRow, events: int, now: int) -> dict[st
         "fetched_eeprom": node.fetched_digest or "",
         "expected_short": (node.eeprom_digest or "-")[:16],
         "fetched_short": (node.fetched_digest or "-")[:16],
-        "fetched_eeprom_text": when(node.fetched_at),
+        "fetched_eeprom_text": (f"at {when(node.fetched_at)}" if node.fetched_at is not None
+                                else "(never fetched)"),
         "eeprom_text": eeprom_text, "eeprom_css": eeprom_css,
         "events": recent,
     }

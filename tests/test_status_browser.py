@@ -87,6 +87,7 @@ def test_dom_shows_revoked_node_label_and_build(site: Any, tmp_path: Path) -> No
     assert 'data-page="node"' in node_dom and "dc:a6:32:aa:bb:cc" in node_dom
     png = _screenshot(tmp_path, url, "status-nodes.png")
     assert png.stat().st_size > 20_000
+    _screenshot(tmp_path, f"{url}nodes/dca632aabbcc", "status-node-page.png")
 
 
 def test_banner_when_artifacts_missing_or_changed(site: Any, server_env: dict[str, Path],
