@@ -178,6 +178,11 @@ def test_missing_server_toml_points_to_the_example(tmp_path: Path) -> None:
         assert f"Error: server config not found ({missing})" in result.output
         assert "Hint: copy server/server.example.toml" in result.output
         assert "--config PATH (or set FWBUILD_SERVER_CONFIG)" in result.output
+    as_json = _run("nodes", "list", "--json", "--config", str(missing))
+    assert as_json.exit_code == 2
+    error = json.loads(as_json.output)
+    assert error["error"] == "server config not found" and error["where"] == str(missing)
+    assert "server/server.example.toml" in error["hint"] and error["exit_code"] == 2
 
 
 def test_admin_port_equal_to_server_port_refused(server_env: dict[str, Path]) -> None:
