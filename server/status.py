@@ -17,6 +17,7 @@ import jinja2
 from cryptography.hazmat.primitives import serialization
 
 from fwbuild import __version__
+from fwbuild.eeprom.pubkey import encode_pubkey_bin, pubkey_bin_digest
 
 from . import BOOT_MODES
 from .artifacts import ArtifactMissing
@@ -112,6 +113,8 @@ def _manifest_info(service: Service) -> tuple[dict[str, Any], list[str]]:
     spki = service.boot_key.public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     info: dict[str, Any] = {"boot_key_sha256": hashlib.sha256(spki).hexdigest(),
+                            "pubkey_bin_sha256": pubkey_bin_digest(
+                                encode_pubkey_bin(service.boot_key.public_key())),
                             "recipe": "", "target": "", "source_date_epoch": None,
                             "source_date_epoch_text": "", "fwbuild_version": "",
                             "server_version": __version__, "steps": []}

@@ -62,6 +62,18 @@ def test_expected_vs_fetched_eeprom(running: Any) -> None:
     assert "UTC" in node["cert_expiry_text"]
 
 
+def test_boot_key_fingerprint_matches_keys_show(running: Any,
+                                               server_env: dict[str, Path]) -> None:
+    from fwbuild.keys import describe_keys
+
+    keys = describe_keys(server_env["keys"])
+    build = _status(running.admin_port)["artifacts"]["build"]
+    assert build["boot_key_sha256"] == keys.boot_key_sha256
+    assert build["pubkey_bin_sha256"] == keys.pubkey_bin_sha256
+    page = request(running.admin_port, "GET", "/", headers=LOCAL).text
+    assert f"sha256:{keys.boot_key_sha256}" in page
+
+
 def test_page_escapes_manifest_text(running: Any, server_env: dict[str, Path]) -> None:
     manifest = server_env["artifacts"] / "manifest.json"
     data = json.loads(manifest.read_text())
