@@ -57,6 +57,13 @@ def test_nodes_list_never_creates_the_state_dir(server_env: dict[str, Path]) -> 
     assert str(server_env["state"]) in listed.output
     as_json = _run("nodes", "list", "--json", "--config", cfg)
     assert as_json.exit_code == 0 and json.loads(as_json.output) == []
+    for args in (("show", A), ("label", A, "x"), ("revoke", A, "--yes"), ("forget", A, "--yes"),
+                 ("set-mode", A, "enforced")):
+        result = _run("nodes", *args, "--config", cfg)
+        assert result.exit_code == 1, (args, result.output)
+        assert ("Error: no node enrolled yet: the state database does not exist "
+                f"({server_env['state']}/") in result.output
+        assert "Hint: nodes enroll on their first boot" in result.output
     assert not server_env["state"].exists()
 
 

@@ -29,10 +29,18 @@ def when(ts: int | None) -> str:
 
 @contextlib.contextmanager
 def _service(config_path: Path) -> Iterator[Any]:
+    """The server's core on its state database; without a database (no node ever
+    enrolled) an error, and nothing is created."""
     from server.config import load_config
+    from server.errors import NotFound
     from server.service import Service
 
-    service = Service(load_config(config_path))
+    config = load_config(config_path)
+    if not config.database.exists():
+        raise NotFound("no node enrolled yet: the state database does not exist",
+                       str(config.database), "nodes enroll on their first boot; check "
+                       "[server] state_dir in the config")
+    service = Service(config)
     try:
         yield service
     finally:
