@@ -11,6 +11,7 @@ EEPROM's `pubkey.bin`, falling through to the next mode on any failure.
 from __future__ import annotations
 
 import hashlib
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,14 @@ import requests
 
 from ..bootimg.fat import read_all
 from ..eeprom.bootconf import parse_bootconf
-from ..eeprom.image import parse_image
+from ..eeprom.image import (
+    AB_MARKER_NAME,
+    AB_PARTITION_A,
+    AB_PARTITION_B,
+    PAD_MAGIC,
+    SECTION_FMT,
+    parse_image,
+)
 from ..eeprom.pubkey import decode_pubkey_bin
 from ..errors import FormatError, FwbuildError, SignatureError
 from ..sign import parse_sig, verify_sig
@@ -48,6 +56,39 @@ class RecoveryFlash:
     """recovery.bin on the SD card flashed a new EEPROM (the board then stops)."""
 
     new_eeprom: bytes
+
+
+def _usable(image: bytes) -> bool:
+    try:
+        parsed = parse_image(image)
+        parsed.read_file("bootconf.txt")
+    except FormatError:
+        return False
+    return True
+
+
+def running_image(flash: bytes, log: Log = lambda line: None) -> bytes:
+    """The EEPROM image the bootloader runs from the SPI flash's content.
+
+    Partition A when it parses; otherwise, on the AB layout, the complete copy the node's
+    staged write leaves in partition B (its write-then-switch, see the init's vpn-eeprom).
+    Whether the real Pi 5 bootloader falls back to partition B is UNCONFIRMED
+    (pi5-boot-facts 1.2 measures the layout only); the virtual Pi 5 does. Raises
+    FormatError when neither is usable (the board would not boot).
+    """
+    if _usable(flash):
+        return flash
+    a0, a1 = AB_PARTITION_A
+    b0, b1 = AB_PARTITION_B
+    if len(flash) >= b1 and a1 - a0 == b1 - b0:
+        pad = struct.pack(SECTION_FMT, PAD_MAGIC, b1 - b0 - 8) + b"\xff" * (b1 - b0 - 8)
+        copy = flash[:a0] + flash[b0:b1] + pad + flash[b1:]
+        name = flash[b0 + 8:b0 + 20].rstrip(b"\0")
+        if name == AB_MARKER_NAME.encode() and _usable(copy):
+            log("EEPROM: partition A is not valid (an interrupted update): running the copy in partition B")
+            return copy
+    parse_image(flash).read_file("bootconf.txt")  # raises the FormatError that says why
+    raise FormatError("the EEPROM flash holds no usable image", "SPI flash")
 
 
 def boot_order(value: str) -> list[int]:
