@@ -11,6 +11,8 @@ cross-origin without a preflight, so a web page cannot drive the API).
   POST /api/nodes/<mac>/revoke {}
   POST /api/nodes/<mac>/forget {}
   GET  /api/artifacts          artifact digests and sizes
+  GET  /api/nodes/<mac>/pieeprom.bin   the node's expected EEPROM image (for the SSH gate)
+  GET  /api/nodes/<mac>/eeprom-digest  its sha256 hex + "\n"
 """
 
 from __future__ import annotations
@@ -63,6 +65,16 @@ class AdminApp:
         if len(rest) == 2 and rest[0] == "nodes":
             self._get(request)
             return Response.json(self.service.describe(self.service.node(rest[1]), events=50))
+        if len(rest) == 3 and rest[0] == "nodes" and rest[2] in ("pieeprom.bin", "eeprom-digest"):
+            self._get(request)
+            node = self.service.booting_node(rest[1])
+            image = self.service.node_image(node)
+            if rest[2] == "eeprom-digest":
+                return Response.text(image.sha256 + "\n", headers={"Cache-Control": "no-store"})
+            if request.method == "GET":
+                self.service.record(node, "pieeprom.bin", "200", "ssh-gate")
+            return Response(body=image.image, content_type="application/octet-stream",
+                            headers={"Cache-Control": "no-store"})
         if len(rest) == 3 and rest[0] == "nodes":
             body = self._post_json(request)
             node_mac = rest[1]

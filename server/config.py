@@ -105,6 +105,7 @@ class ServerConfig:
     proxy_jump: str | None
     http_proxy: str | None
     admin: AdminConfig
+    node_addresses: Path | None = None  # `MAC IP` lines: the walt-net address of each node
 
     @property
     def database(self) -> Path:
@@ -126,6 +127,7 @@ _SCHEMA: dict[str, dict[str, bool]] = {
         "listen": False, "port": False, "hostname": False, "artifacts": True, "state_dir": True,
         "keys_dir": True, "default_boot_mode": False, "enrollment_subnets": True,
         "node_root": True, "cert_validity_days": False, "revoked_keys_file": False,
+        "node_addresses": False,
     },
     "entrypoints": {
         "http": True, "ssh": True, "ssh_host_keys_file": False, "ssh_host_keys": False,
@@ -338,6 +340,7 @@ def parse_config(data: Mapping[str, Any], base_dir: Path) -> ServerConfig:
         proxy_jump=_single_line(_get(ent, "proxy_jump", str, "entrypoints."), "entrypoints.proxy_jump"),
         http_proxy=_single_line(_get(ent, "http_proxy", str, "entrypoints."), "entrypoints.http_proxy"),
         admin=AdminConfig(admin_listen, _port(_get(adm, "port", int, "admin.", 8081), "admin.port")),
+        node_addresses=path("node_addresses") if "node_addresses" in srv else None,
     )
 
 

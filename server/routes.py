@@ -4,6 +4,12 @@ Public (anyone, e.g. through the HTTP entrypoint): `server`, `node-conf/*` publi
 `revoked-keys`, per-node `boot.img`, `boot.sig`, `pieeprom.sig`, `eeprom-digest`.
 Secrets (enrollment subnets only): `enroll`, `node-conf/ssh-pubkey-cert`, `node-conf/creds`,
 per-node `pieeprom.bin` (it embeds the node's private key).
+Public first-boot path: `boot/boot.img`, `boot/boot.sig` (the recovery EEPROM's HTTP_PATH).
+
+Node identity (minimal version of the issue-11 contract, active when server.toml names a
+`node_addresses` file): the request's source address is looked up in the file's `MAC IP`
+lines; `enroll` uses that MAC (a `mac` field that disagrees gets 403) and a node's
+`pieeprom.bin` and `eeprom-digest` go to that node only.
 """
 
 from __future__ import annotations
@@ -104,6 +110,9 @@ class NodeApp:
         if not seg or seg[0] != "walt-vpn":
             raise NotFound("no such resource", hint="node routes live under /walt-vpn/")
         rest = seg[1:]
+        if len(rest) == 2 and rest[0] == "boot" and rest[1] in ("boot.img", "boot.sig"):
+            self._method(request, "GET", "HEAD")
+            return self._public_boot(rest[1])
         if rest == ("enroll",):
             self._method(request, "POST")
             return self._enroll(request)
@@ -168,9 +177,47 @@ class NodeApp:
         node = self.service.booting_node(self._query_node(request).mac)
         return Response.text(self.service.creds(node) + "\n", headers=dict(SECRET_HEADERS))
 
+    def _bound_mac(self, request: Request) -> str | None:
+        """The MAC bound to the request's source address (None: no `node_addresses` file)."""
+        path = self.config.node_addresses
+        if path is None:
+            return None
+        try:
+            lines = path.read_text("ascii").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ArtifactMissing(f"cannot read the node addresses file: {exc}", str(path)) from None
+        for line in lines:
+            words = line.split("#", 1)[0].split()
+            if len(words) == 2 and words[1] == request.client:
+                return normalise_mac(words[0], str(path))
+        raise Forbidden(f"no node is bound to address {request.client}",
+                        hint="node secrets go to the node itself, identified by its walt-net address")
+
+    def _check_bound(self, request: Request, mac_text: str, what: str) -> None:
+        bound = self._bound_mac(request)
+        if bound is not None and normalise_mac(mac_text) != bound:
+            raise Forbidden(f"{what} of another node: address {request.client} is node {bound}",
+                            hint="a node gets its own secrets only")
+
+    def _public_boot(self, name: str) -> Response:
+        info = self.service.artifacts.info(BOOT_IMG)
+        if name == "boot.sig":
+            sig = self.service.artifacts.boot_sig(info)
+            return Response(body=sig, etag=f'"{info.sha256}.sig"', last_modified=info.mtime,
+                            headers=dict(REVALIDATE))
+        fd, info = self.service.artifacts.open(BOOT_IMG)
+        return Response(file=(fd, info), content_type="application/octet-stream",
+                        headers=dict(REVALIDATE))
+
     def _enroll(self, request: Request) -> Response:
         self._require_enrollment_subnet(request, "enrollment")
         form = parse_form(request)
+        bound = self._bound_mac(request)
+        if bound is not None:
+            if "mac" in form and normalise_mac(form["mac"], "mac") != bound:
+                raise Forbidden(f"enrollment names {form['mac'][:20]!r} but address {request.client} "
+                                f"is node {bound}", hint="a node enrolls itself only")
+            form["mac"] = bound
         if "mac" not in form:
             raise UsageError("missing form field `mac`", "body", "send mac=<node MAC>")
         result = self.service.enroll(form["mac"], form.get("ssh-pubkey"), request.client)
@@ -184,6 +231,8 @@ class NodeApp:
         normalise_mac(mac_text, "node MAC in the path")  # 400 before any lookup
         if name == "pieeprom.bin":
             self._require_enrollment_subnet(request, "pieeprom.bin (it embeds node secrets)")
+        if name in ("pieeprom.bin", "eeprom-digest"):
+            self._check_bound(request, mac_text, name)
         node = self.service.booting_node(mac_text)
         record = request.method == "GET"
         client = request.client

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import requests
+from requests.adapters import HTTPAdapter
 
 from ..bootimg.fat import read_all
 from ..eeprom.bootconf import parse_bootconf
@@ -35,6 +37,18 @@ from ..sign import parse_sig, verify_sig
 MAX_BOOT_IMG = 96 * 1000 * 1000
 HTTP_TIMEOUT = (5, 30)
 Log = Callable[[str], None]
+
+
+class _SourceAdapter(HTTPAdapter):
+    """HTTP from a given source address (the virtual node's own address on walt-net)."""
+
+    def __init__(self, source: str) -> None:
+        self._source = source
+        super().__init__()
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["source_address"] = (self._source, 0)
+        super().init_poolmanager(*args, **kwargs)
 
 
 class BootFailure(FwbuildError):
@@ -131,7 +145,9 @@ def _selection(mode: str, files: dict[str, bytes], bootconf: str, where: str) ->
 
 class Bootloader:
     def __init__(self, eeprom: bytes, *, sd: Path | None = None, log: Log = lambda line: None,
-                 max_restarts: int = 2, session: requests.Session | None = None) -> None:
+                 max_restarts: int = 2, session: requests.Session | None = None,
+                 walt_net: Mapping[tuple[str, int], tuple[str, int]] | None = None,
+                 source_address: str | None = None) -> None:
         self.image = parse_image(eeprom)
         self.bootconf = self.image.read_file("bootconf.txt").decode("ascii", "replace")
         self.config = parse_bootconf(self.bootconf)
@@ -139,6 +155,12 @@ class Bootloader:
         self.log = log
         self.max_restarts = max_restarts
         self.session = session or requests.Session()
+        # The virtual walt-net: where a (host, port) the EEPROM names really listens, and
+        # the node's own address (the server binds node identity to it).
+        self.walt_net = dict(walt_net or {})
+        if source_address is not None:
+            adapter = _SourceAdapter(source_address)
+            self.session.mount("http://", adapter)
 
     def run(self) -> BootSelection | RecoveryFlash:
         flashed = self._rom_recovery()
@@ -186,6 +208,9 @@ class Bootloader:
             return None
         base = f"http://{host}:{port}/{path}"
         self.log(f"Boot mode: HTTP (7): {base}/boot.sig")
+        if port.isdigit() and (host, int(port)) in self.walt_net:
+            real_host, real_port = self.walt_net[(host, int(port))]
+            base = f"http://{real_host}:{real_port}/{path}"
         try:
             pubkey = decode_pubkey_bin(self.image.read_file("pubkey.bin"))
         except FormatError as exc:
