@@ -88,8 +88,8 @@ class SiteOptions:
     root_image: bool = True   # export the root as an ext4 image (loop over sshfs: a second read
                               # never crosses the network) rather than as a directory
     ssh_port: int = 22        # the SSH entrypoint's port as nodes see it (10.0.2.100:PORT)
-    # The server's walt-net (host, port) as nodes see it, when it differs from the address
-    # the recovery EEPROM names (tests point it at a proxy): where the relay connects.
+    # Where the guest's walt-net connections to the server go, instead of the server
+    # itself (tests put a proxy there, or nothing); the bootloader still reaches the server.
     walt_net_target: tuple[str, int] | None = None
 
 
@@ -219,7 +219,7 @@ class VirtualSite:
         atomic_write(self.addresses_path, ("# MAC IP: each virtual node's walt-net address\n" + lines).encode())
 
     def guestfwd(self, node: VirtualNode | None) -> tuple[str, ...]:
-        assert self.sshd is not None and self.server is not None
+        assert self.sshd is not None
         # `cmd:` spawns a relay per guest connection (a `tcp:` chardev connects once, at
         # QEMU start, so a reconnecting node would find it gone).
         busybox = shutil.which("busybox")
@@ -237,9 +237,9 @@ class VirtualSite:
                  marker: str = MARKER, name: str | None = None, extra_cmdline: str = "",
                  power_cut: str | None = None, max_restarts: int = 2) -> NodeResult:
         """One power cycle of `node`: bootloader, then QEMU until the marker, a reboot or the timeout."""
-        assert self.server is not None
         name = name or f"{node.mac12}-{len(node.power_ons) + 1}"
-        walt_target = self.options.walt_net_target or ("127.0.0.1", self.port)
+        # The bootloader reaches the server itself; `walt_net_target` redirects the guest only.
+        walt_target = ("127.0.0.1", self.port)
         options = NodeOptions(eeprom=node.flash, workdir=self.options.work / "runs" / name, sd=sd,
                               timeout=timeout, marker=marker, max_restarts=max_restarts,
                               guestfwd=self.guestfwd(node), extra_cmdline=extra_cmdline, mac=node.mac,
@@ -324,35 +324,3 @@ def _walt_net_address(artifacts: Path) -> tuple[str, int]:
     if not host or not port.isdigit():
         return DEFAULT_WALT_NET
     return host, int(port)
-
-
-@dataclass(frozen=True)
-class DemoReport:
-    out_dir: Path
-    node_eeprom: Path
-    result: NodeResult
-    console_log: Path
-    config: Path
-
-
-def run_demo(recipe_path: Path, *, out_root: Path, keys_dir: Path, work: Path, mac: str,
-             timeout: float, log: Callable[[str], None]) -> DemoReport:
-    """Build the virtual recipe, verify it, start a site, enroll one node and boot it."""
-    from fwbuild.build import build
-    from fwbuild.keys import init_keys
-    from fwbuild.recipe import load_recipe
-    from fwbuild.verify import verify_output
-
-    recipe = load_recipe(recipe_path)
-    if not KeyPaths(keys_dir).boot_key.exists():
-        init_keys(keys_dir)
-        log(f"created site keys in {keys_dir}")
-    log(f"building {recipe_path} into {out_root}/{recipe.name} (cached steps are reused)")
-    built = build(recipe, out_root=out_root, keys_dir=keys_dir)
-    for line in verify_output(built.out_dir).checked:
-        log(f"verify: {line}")
-    with VirtualSite(SiteOptions(built.out_dir, keys_dir, work), log=log) as site:
-        eeprom = site.enroll(mac)
-        result = site.boot(eeprom, timeout=timeout, name="demo")
-    return DemoReport(built.out_dir, eeprom, result, site.options.work / "runs" / "demo" / "console.log",
-                      site.config_path)
