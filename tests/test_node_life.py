@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import http.server
+import json
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -19,9 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from fwbuild.build import build
+from fwbuild.cli import main
 from fwbuild.eeprom.assemble import assemble_eeprom
 from fwbuild.eeprom.synthetic import synthetic_image
 from fwbuild.keys import init_keys
@@ -29,7 +32,7 @@ from fwbuild.recipe import load_recipe
 from fwbuild.sources import Cache
 from fwbuild.virtual.rootfs import MARKER
 from fwbuild.virtual.sshd import free_port
-from server.virtual_demo import FLASHED, Life, insert_recovery_card, live, power_until_root
+from server.virtual_demo import FLASHED, Life, insert_recovery_card, power_until_root
 from server.virtual_site import SiteOptions, VirtualNode, VirtualSite
 
 pytestmark = [
@@ -75,12 +78,6 @@ def site_factory(built: Built, tmp_path: Path) -> Iterator[Callable[..., Virtual
         site.stop()
 
 
-def _events(site: VirtualSite, node: VirtualNode) -> list[dict[str, Any]]:
-    assert site.server is not None
-    service = site.server.service
-    return list(reversed(service.describe(service.node(node.mac), events=100)["events"]))
-
-
 def _lines(console: str) -> list[str]:
     return [line.strip() for line in console.splitlines() if line.startswith("walt-vpn: ")]
 
@@ -91,33 +88,42 @@ def _recovered(site: VirtualSite, mac: str, built: Built) -> VirtualNode:
     return site.add_node(mac, flash=recovery)
 
 
-def test_whole_life_self_enrollment_and_two_self_flashes(site_factory: Callable[..., VirtualSite]) -> None:
-    site = site_factory()
-    mac = "dc:a6:32:00:01:01"
-    life = live(site, mac)
-    node = site.add_node(mac)
-    assert life.flashes == [{"reason": "enrollment", "mode": "enforced"},
-                            {"reason": "boot mode", "mode": "permissive"}], life.results[-1].reason
-    assert life.boots == [{"via": "ssh entrypoint 10.0.2.100:22", "mode": mode, "reached": True}
-                          for mode in ("enforced", "permissive")]
-    # power-ons: recovery card, first boot (flash), enforced boot, re-flash, permissive boot
-    assert len(node.power_ons) == 5
-    first, enforced, reflash, permissive = (r.console for r in node.power_ons[1:])
-    assert "walt-vpn: enroll: the server enrolled this node (dc:a6:32:00:01:01)" in first
+def test_demo_whole_life_self_enrollment_and_two_self_flashes(
+        built: Built, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`fwbuild virtual-node demo --json`, as a user runs it; then `fwbuild nodes show`."""
+    monkeypatch.setenv("FWBUILD_CACHE", str(built.cache.root))
+    mac, work = "dc:a6:32:00:01:01", tmp_path / "demo"
+    result = CliRunner().invoke(main, [
+        "virtual-node", "demo", "--json", "--recipe", str(ROOT / "recipes" / "virtual.toml"),
+        "--out", str(built.out.parent), "--keys", str(built.keys), "--work", str(work), "--mac", mac])
+    assert result.exit_code == 0, result.output[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary == {
+        "enrolled_by": "node",
+        "flashes": [{"reason": "enrollment", "mode": "enforced"}, {"reason": "boot mode", "mode": "permissive"}],
+        "boots": [{"via": "ssh entrypoint 10.0.2.100:22", "mode": mode, "reached": True}
+                  for mode in ("enforced", "permissive")]}
+    runs = sorted((work / "runs").iterdir(), key=lambda p: int(p.name.rsplit("-", 1)[1]))
+    consoles = [(run / "console.log").read_text(errors="replace") for run in runs[1:]]
+    first, enforced, reflash, permissive = consoles
+    assert f"walt-vpn: enroll: the server enrolled this node ({mac})" in first
     assert FLASHED in first and MARKER not in first
     assert "nothing to flash" in enforced and MARKER in enforced
     assert FLASHED in reflash and "walt-vpn: flash: the server expects EEPROM sha256" in reflash
     assert "mode permissive" in permissive and "nothing to flash" in permissive and MARKER in permissive
-    # The server saw the node enroll itself from its bound address, then the two image
-    # fetches (walt-net HTTP, then the SSH gate), the admin's mode change between them.
-    events = [(e["artifact"], e["result"], e["client"]) for e in _events(site, node)]
-    enroll = events.index(("enroll", "enrolled", node.address))
+    # The server saw the node enroll itself from its bound address (127.0.0.10, the demo's
+    # only node), then its two image fetches (walt-net HTTP, then the SSH gate) with the
+    # admin's mode change between them.
+    shown = CliRunner().invoke(main, ["nodes", "show", mac, "--json", "--config", str(work / "server.toml")])
+    assert shown.exit_code == 0, shown.output
+    events = [(e["artifact"], e["result"], e["client"]) for e in reversed(json.loads(shown.stdout)["events"])]
+    enroll = events.index(("enroll", "enrolled", "127.0.0.10"))
     fetches = [i for i, e in enumerate(events) if e[0] == "pieeprom.bin" and e[1] == "200"]
     mode_change = events.index(("boot-mode", "permissive", "admin"))
     assert len(fetches) == 2 and enroll < fetches[0] < mode_change < fetches[1], events
-    assert events[fetches[0]][2] == node.address
-    assert hashlib.sha256(node.flash.read_bytes()).hexdigest() == \
-        site.get(f"node/{node.mac12}/eeprom-digest", mac=mac).decode().strip()
+    assert events[fetches[0]][2] == "127.0.0.10"
+    flash = (work / "nodes" / "dca632000101" / "pieeprom.bin").read_bytes()
+    assert hashlib.sha256(flash).hexdigest() == json.loads(shown.stdout)["eeprom_digest"]
 
 
 def test_entrypoint_change_reflashes_and_comes_back_through_the_new_port(
