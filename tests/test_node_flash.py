@@ -36,7 +36,8 @@ def tool(tmp_path_factory: pytest.TempPathFactory) -> Path:
                       render_vpn_init(), re.DOTALL)
     assert match
     script = work / "vpn-eeprom"
-    script.write_text(match.group(1) + "\n")
+    script.write_text(match.group(1).replace("#!/bin/sh", f"#!{BUSYBOX} sh", 1) + "\n")
+    script.chmod(0o755)
     bindir = work / "bin"
     bindir.mkdir()
     for name in TOOLS:
@@ -142,3 +143,70 @@ def test_no_flash_device_is_one_line(tool: Path) -> None:
     result = run(tool, "backend")
     assert result.returncode == 1
     assert result.stdout.startswith("no EEPROM flash device") and len(result.stdout.splitlines()) == 1
+
+
+# ---- the init's every-boot check (eeprom_update), with the SSH gate stubbed -------------------
+
+def run_update(tool: Path, tmp_path: Path, flash: Path, *, digest: str, image: Path | None,
+               gate_fails: bool = False) -> subprocess.CompletedProcess[str]:
+    """Source the init in busybox sh and run eeprom_update; ssh_gate and reboot are stubs."""
+    init = tmp_path / "init.sh"
+    init.write_text(render_vpn_init())
+    gate = ('ssh_gate() { echo "walt-vpn: server unreachable (connection refused)" > "$ETMP/gate.err"; '
+            'return 2; }' if gate_fails else
+            f'ssh_gate() {{ case "$1" in eeprom-digest) echo {digest} > "$2" ;; '
+            f'eeprom-image) cat {image} > "$2" ;; esac; }}')
+    body = "\n".join([
+        f". {init}", f"EEPROM_TOOL={tool}", gate,
+        'say() { echo "walt-vpn: $*"; }', "sleep() { :; }",
+        # The real reboot never returns; the stub ends the subshell the flash runs in.
+        "reboot() { echo REBOOTING >&2; exit 0; }", "sync() { :; }",
+        "BACKOFF_FIRST=1; BACKOFF_MAX=4", "eeprom_update", "echo BOOTING-ON"])
+    env = {"PATH": str(tool.parent / "bin"), "VPN_EEPROM_FLASH": str(flash), "TMPDIR": str(tmp_path)}
+    return subprocess.run([BUSYBOX or "busybox", "sh", "-c", body], env=env, capture_output=True,
+                          text=True, timeout=120, check=False)
+
+
+def test_every_boot_matching_digest_flashes_nothing(tool: Path, images: dict[str, Path],
+                                                    tmp_path: Path) -> None:
+    flash = tmp_path / "flash.bin"
+    shutil.copy(images["new"], flash)
+    result = run_update(tool, tmp_path, flash, digest=_sha(images["new"]), image=None)
+    out = result.stdout + result.stderr
+    assert "nothing to flash" in out and "BOOTING-ON" in out and "step" not in out, out
+    assert flash.read_bytes() == images["new"].read_bytes()
+
+
+def test_every_boot_new_digest_flashes_verifies_and_reboots(tool: Path, images: dict[str, Path],
+                                                            tmp_path: Path) -> None:
+    flash = tmp_path / "flash.bin"
+    shutil.copy(images["old"], flash)
+    result = run_update(tool, tmp_path, flash, digest=_sha(images["new"]), image=images["new"])
+    out = result.stdout + result.stderr
+    assert "walt-vpn: flash: EEPROM written and verified by read-back" in out and "REBOOTING" in out, out
+    assert flash.read_bytes() == images["new"].read_bytes()
+
+
+@pytest.mark.parametrize("bad", ["other-key", "truncated", "garbage"])
+def test_every_boot_bad_image_is_not_flashed_and_the_node_boots_on(
+        tool: Path, images: dict[str, Path], tmp_path: Path, bad: str) -> None:
+    flash = tmp_path / "flash.bin"
+    shutil.copy(images["old"], flash)
+    result = run_update(tool, tmp_path, flash, digest=_sha(images[bad]), image=images[bad])
+    lines = [line for line in result.stdout.splitlines() if line.startswith("walt-vpn: flash: image refused")]
+    assert len(lines) == 3, result.stdout  # one line per attempt, EEPROM_RETRIES = 3
+    assert lines[-1].endswith("booting with the current EEPROM (attempt 3/3)")
+    assert "BOOTING-ON" in result.stdout and "REBOOTING" not in result.stdout
+    assert flash.read_bytes() == images["old"].read_bytes()
+
+
+def test_every_boot_gate_unreachable_backs_off_then_boots_on(tool: Path, images: dict[str, Path],
+                                                             tmp_path: Path) -> None:
+    flash = tmp_path / "flash.bin"
+    shutil.copy(images["old"], flash)
+    result = run_update(tool, tmp_path, flash, digest="", image=None, gate_fails=True)
+    assert result.stdout.splitlines() == [
+        "walt-vpn: flash: the SSH gate's eeprom-digest failed (server unreachable (connection refused));"
+        f" {tail}" for tail in ("retrying in 1s (attempt 1/3)", "retrying in 2s (attempt 2/3)",
+                                "booting with the current EEPROM (attempt 3/3)")] + ["BOOTING-ON"]
+    assert flash.read_bytes() == images["old"].read_bytes()
