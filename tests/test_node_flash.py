@@ -210,3 +210,48 @@ def test_every_boot_gate_unreachable_backs_off_then_boots_on(tool: Path, images:
         f" {tail}" for tail in ("retrying in 1s (attempt 1/3)", "retrying in 2s (attempt 2/3)",
                                 "booting with the current EEPROM (attempt 3/3)")] + ["BOOTING-ON"]
     assert flash.read_bytes() == images["old"].read_bytes()
+
+
+# ---- the Pi 5 backend: flashrom on /dev/spidev10.0 (a fake flashrom records what it is asked) --
+
+FAKE_FLASHROM = """#!{busybox} sh
+# fake flashrom: the chip is $FAKE_CHIP, its content the file $FAKE_FLASH
+echo "$*" >> "$FAKE_LOG"
+case "$3" in
+    --flash-name) echo 'vendor="Winbond" name="'"$FAKE_CHIP"'"' ;;
+    -r) cat "$FAKE_FLASH" > "$4" ;;
+    -w) cat "$4" > "$FAKE_FLASH" ;;
+esac
+"""
+
+
+@pytest.mark.parametrize(("chip", "ok"), [("W25Q16.V", True), ("MX25L1606E", False)])
+def test_pi5_backend_flashrom_refuses_unknown_chips(tool: Path, images: dict[str, Path], tmp_path: Path,
+                                                    chip: str, ok: bool) -> None:
+    bindir = tmp_path / "bin"
+    shutil.copytree(tool.parent / "bin", bindir, symlinks=True)
+    fake = bindir / "flashrom"
+    fake.write_text(FAKE_FLASHROM.format(busybox=BUSYBOX))
+    fake.chmod(0o755)
+    spidev = tmp_path / "spidev10.0"
+    spidev.touch()
+    flash, log = tmp_path / "chip.bin", tmp_path / "flashrom.log"
+    shutil.copy(images["old"], flash)
+    env = {"PATH": str(bindir), "VPN_EEPROM_SPIDEV": str(spidev), "FAKE_CHIP": chip,
+           "FAKE_FLASH": str(flash), "FAKE_LOG": str(log), "TMPDIR": str(tmp_path)}
+    result = subprocess.run([BUSYBOX or "busybox", "sh", str(tool), "flash", str(images["new"]),
+                             str(images["old"])], env=env, capture_output=True, text=True,
+                            timeout=120, check=False)
+    calls = log.read_text().splitlines()
+    programmer = f"-p linux_spi:dev={spidev},spispeed=16000"
+    if ok:
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert flash.read_bytes() == images["new"].read_bytes()
+        assert calls[0] == f"{programmer} --flash-name"
+        assert sum(call.startswith(f"{programmer} -w ") for call in calls) == 9  # one per staged step
+    else:
+        assert result.returncode == 1
+        assert result.stdout.strip() == (f"unknown flash chip 'MX25L1606E' on {spidev} (known: W25Q16.V "
+                                         "W25Q16.W W25Q16JV_M W25Q16JW W25Q16JW_DTR): refusing to flash")
+        assert calls == [f"{programmer} --flash-name"]
+        assert flash.read_bytes() == images["old"].read_bytes()
