@@ -294,3 +294,27 @@ def test_recovery_card_then_first_boot_from_a_factory_flash(site_factory: Callab
     assert node.flash.read_bytes() == (built.out / "eeprom" / "recovery" / "pieeprom.bin").read_bytes()
     result = site.power_on(node)
     assert FLASHED in result.console and result.exit_status == 0, result.reason
+
+
+def test_walt_net_identity_is_bound_to_the_address(site_factory: Callable[..., VirtualSite]) -> None:
+    """The minimal contract routes: a walt-net host gets its own node's secrets only."""
+    site = site_factory()
+    alice, mallory = site.add_node("dc:a6:32:00:02:01"), site.add_node("dc:a6:32:00:02:02")
+    status, _ = site.request("POST", "enroll", body=b"", source=alice.address)
+    assert status == 201  # no MAC named: the address says who it is
+    assert site.server is not None
+    before = site.server.service.describe(site.server.service.node(alice.mac))
+    for method, path, body in [
+            ("POST", "enroll", f"mac={alice.mac}".encode()),
+            ("GET", f"node/{alice.mac12}/pieeprom.bin", None),
+            ("GET", f"node/{alice.mac12}/eeprom-digest", None)]:
+        status, answer = site.request(method, path, body=body, source=mallory.address)
+        assert status == 403, (path, answer)
+    status, answer = site.request("GET", f"node/{alice.mac12}/pieeprom.bin", source="127.0.0.99")
+    assert status == 403 and b"no node is bound to address 127.0.0.99" in answer
+    assert site.server.service.describe(site.server.service.node(alice.mac)) == before
+    status, image = site.request("GET", f"node/{alice.mac12}/pieeprom.bin", source=alice.address)
+    assert status == 200 and len(image) == 2 * 1024 * 1024
+    status, boot = site.request("GET", "boot/boot.sig", source="127.0.0.99")
+    assert status == 200 and boot.startswith(hashlib.sha256((site.options.artifacts / "bootimg" / "boot.img")
+                                                            .read_bytes()).hexdigest().encode())
