@@ -2,6 +2,8 @@
 
 Usage: python3 bench/eeprom.py [--images N] [--processes M]
 Goal: <= 2 ms per image in-process (RSA-2048 signing alone is ~1 ms).
+Also: the same per SoC / layout (2712 AB, 2712 non-AB, 2711 Pi 4) and the validator over
+rpi-eeprom's own configurations (tests/data/rpi-eeprom, when present).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fwbuild.eeprom.assemble import assemble_eeprom
-from fwbuild.eeprom.bootconf import render_bootconf
+from fwbuild.eeprom.bootconf import check_bootconf, render_bootconf
 from fwbuild.eeprom.synthetic import synthetic_image
 from fwbuild.keys import init_keys, load_boot_key
 from fwbuild.sign import build_sig
@@ -77,6 +79,26 @@ def main() -> None:
         print(f"  render+validate      median {median_ms(render_t):7.3f} ms")
         print(f"  bootconf.sig alone   median {median_ms(sign_t):7.3f} ms (RSA-2048)")
         print(f"  render+sign+assemble median {median_ms(total_t):7.3f} ms per image (goal <= 2 ms)")
+        texts = [render_bootconf("enforced", node) for node in values]
+        for label, (layout, soc) in (("2712 AB", ("ab", "2712")), ("2712 non-AB", ("non-ab", "2712")),
+                                     ("2711 (Pi 4)", ("non-ab", "2711"))):
+            soc_base = synthetic_image(layout, soc)
+            samples = []
+            for text in texts:
+                start = time.perf_counter()
+                assemble_eeprom(soc_base, text, boot_key=key, timestamp=TS)
+                samples.append(time.perf_counter() - start)
+            print(f"  sign+assemble {label:12} median {median_ms(samples):7.3f} ms per image")
+        configs = sorted((Path(__file__).resolve().parent.parent / "tests" / "data" / "rpi-eeprom").rglob("*.txt"))
+        if configs:
+            corpus = [c.read_text() for c in configs if c.name != "bootconf-4077.txt"]
+            start = time.perf_counter()
+            rounds = 20
+            for _ in range(rounds):
+                for text in corpus:
+                    check_bootconf(text)
+            per = (time.perf_counter() - start) / (rounds * len(corpus))
+            print(f"  check_bootconf over {len(corpus)} rpi-eeprom configs: {per * 1e6:7.1f} us per config")
 
         (work / "base.bin").write_bytes(base)
         fwbuild = shutil.which("fwbuild")

@@ -57,8 +57,9 @@ def _before(text: str, sentinel: str) -> SftpStats:
 def run_one(work: Path, keys: Path, kernel: Path, initrd: Path, root: Path, rtt: int) -> dict[str, object]:
     work.mkdir(parents=True)
     with TestSshd(work / "sshd", ca_public_key=(keys / "ssh-ca.pub").read_text(), netns=True,
-                  added_rtt_ms=rtt) as sshd:
-        creds = issue_node_credentials(load_ssh_ca(keys / "ssh-ca"), "vpn_bench",
+                  added_rtt_ms=rtt, gate_root=str(root)) as sshd:
+        # The SSH gate accepts node key ids only (vpn_<mac12>).
+        creds = issue_node_credentials(load_ssh_ca(keys / "ssh-ca"), "vpn_52540000be0c",
                                        sshd.known_hosts_line("10.0.2.2"))
         config = work / "bootconf.txt"
         config.write_text(vpn_config_text({

@@ -15,16 +15,17 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .errors import BuildError
+from .errors import BuildError, UsageError
 from .fsutil import atomic_write
 from .keys import KeyPaths
-from .progress import Progress, report
+from .progress import Progress, step_event
 from .recipe import Recipe
 from .sign import source_date_epoch
 from .sources import Cache
@@ -47,6 +48,7 @@ class BuildContext:
     artifacts: dict[str, bytes] = field(default_factory=dict)
     packages: list[dict[str, str]] = field(default_factory=list)
     cached_steps: list[str] = field(default_factory=list)
+    selected: tuple[str, ...] = ()
     scratch: dict[str, Any] = field(default_factory=dict)
 
     def add_artifact(self, relpath: str, data: bytes) -> None:
@@ -59,11 +61,36 @@ class BuildContext:
 @dataclass(frozen=True)
 class Step:
     """`inputs(ctx)` returns the digests the outputs depend on (None: never cache);
-    `run(ctx)` adds artifacts (and may fill ctx.packages / ctx.scratch)."""
+    `run(ctx)` adds artifacts (and may fill ctx.packages / ctx.scratch).
+    `needs` names the steps whose artifacts it reads; `always` steps (checks, fetches)
+    run in every build, partial or not, and are not listed in the manifest."""
 
     name: str
     run: Callable[[BuildContext], None]
     inputs: Callable[[BuildContext], Mapping[str, str] | None] = lambda ctx: None
+    needs: tuple[str, ...] = ()
+    always: bool = False
+
+
+def select_steps(steps: Sequence[Step], only: Sequence[str]) -> list[Step]:
+    """The steps of a partial build: the `only` ones, what they need, and the `always` ones."""
+    by_name = {step.name: step for step in steps}
+    choices = [step.name for step in steps if not step.always]
+    wanted: set[str] = set()
+    pending = list(only)
+    while pending:
+        name = pending.pop()
+        if name not in choices:
+            import difflib
+
+            near = difflib.get_close_matches(name, choices, n=1)
+            raise UsageError(f"unknown build step {name!r}", "--only",
+                             (f"did you mean `{near[0]}`? " if near else "")
+                             + f"the steps are {', '.join(choices)}")
+        if name not in wanted:
+            wanted.add(name)
+            pending.extend(by_name[name].needs)
+    return [step for step in steps if step.always or step.name in wanted]
 
 
 def code_digest() -> str:
@@ -122,12 +149,15 @@ def _jsonable(value: Any) -> bool:
 
 def run_steps(ctx: BuildContext, steps: list[Step]) -> None:
     code = code_digest()
+    ctx.selected = tuple(step.name for step in steps)
     for number, step in enumerate(steps, start=1):
-        report(ctx.progress, "build", number - 1, len(steps))
+        started = time.monotonic()
+        step_event(ctx.progress, step.name, "started", number, len(steps))
         inputs = step.inputs(ctx)
         key = _step_key(step, inputs, code) if inputs is not None else None
         if key and _restore(ctx, key):
             ctx.cached_steps.append(step.name)
+            step_event(ctx.progress, step.name, "cached", number, len(steps), time.monotonic() - started)
             continue
         before = set(ctx.artifacts)
         packages_before = len(ctx.packages)
@@ -136,12 +166,13 @@ def run_steps(ctx: BuildContext, steps: list[Step]) -> None:
         if key:
             produced = sorted(set(ctx.artifacts) - before)
             _remember(ctx, key, produced, packages_before, scratch_before)
-    report(ctx.progress, "build", len(steps), len(steps))
+        step_event(ctx.progress, step.name, "done" if step.always else "built", number, len(steps),
+                   time.monotonic() - started)
 
 
-def manifest_bytes(ctx: BuildContext) -> bytes:
+def manifest_bytes(ctx: BuildContext, steps: Sequence[Step] = ()) -> bytes:
     recipe = ctx.recipe
-    manifest = {
+    manifest: dict[str, Any] = {
         "fwbuild_version": __version__,
         "recipe": {"name": recipe.name, "target": recipe.recipe.target, "sha256": recipe.digest},
         "source_date_epoch": ctx.epoch,
@@ -151,6 +182,9 @@ def manifest_bytes(ctx: BuildContext) -> bytes:
         "artifacts": {rel: {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
                       for rel, data in sorted(ctx.artifacts.items())},
     }
+    built = [step.name for step in steps if not step.always]
+    if built:
+        manifest["steps"] = built
     return (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
 
 
@@ -205,14 +239,22 @@ class BuildResult:
     out_dir: Path
     manifest: Mapping[str, Any]
     cached_steps: tuple[str, ...]
+    steps: tuple[str, ...] = ()
 
 
 def build(recipe: Recipe, *, out_root: Path, keys_dir: Path, cache: Cache | None = None,
           offline: bool = False, progress: Progress | None = None,
-          steps: list[Step] | None = None) -> BuildResult:
-    """Run the pipeline for `recipe` and publish `out_root/<recipe name>`."""
+          steps: list[Step] | None = None, only: Sequence[str] = ()) -> BuildResult:
+    """Run the pipeline for `recipe` and publish `out_root/<recipe name>`.
+
+    `only` names the steps of a partial build (plus what they need); the manifest's
+    `steps` lists the steps the set was built with.
+    """
     from .steps import STEPS  # the steps import the artifact modules; keep this module light
 
+    pipeline = list(steps if steps is not None else STEPS)
+    if only:
+        pipeline = select_steps(pipeline, only)
     cache = cache or Cache.default()
     builds = out_root / BUILDS_DIR / recipe.name
     builds.mkdir(parents=True, exist_ok=True)
@@ -223,11 +265,12 @@ def build(recipe: Recipe, *, out_root: Path, keys_dir: Path, cache: Cache | None
                        keys=KeyPaths(keys_dir), epoch=source_date_epoch(recipe.recipe.source_date_epoch),
                        offline=offline, progress=progress)
     try:
-        run_steps(ctx, steps if steps is not None else STEPS)
-        manifest = manifest_bytes(ctx)
+        run_steps(ctx, pipeline)
+        manifest = manifest_bytes(ctx, pipeline)
         atomic_write(stage / MANIFEST, manifest)
         out_dir = publish(stage, out_root, recipe.name, hashlib.sha256(manifest).hexdigest())
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
-    return BuildResult(out_dir, json.loads(manifest), tuple(ctx.cached_steps))
+    return BuildResult(out_dir, json.loads(manifest), tuple(ctx.cached_steps),
+                       tuple(step.name for step in pipeline if not step.always))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import tempfile
@@ -15,8 +16,11 @@ def atomic_write(path: str | os.PathLike[str], data: bytes, mode: int = 0o644) -
     secret is never readable by others, even for an instant.
     """
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as exc:
+        raise _about(exc, target) from None
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -24,12 +28,24 @@ def atomic_write(path: str | os.PathLike[str], data: bytes, mode: int = 0o644) -
             os.fsync(handle.fileno())
         os.chmod(tmp, mode)
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(exc, OSError):
+            raise _about(exc, target) from None
         raise
+
+
+def _about(exc: OSError, target: Path) -> OSError:
+    """The same error, naming the file the caller asked for, never the temp file (and, when a
+    part of the path is a file, which part)."""
+    if exc.errno in (errno.EEXIST, errno.ENOTDIR):
+        blocking = next((p for p in target.parents if p.exists()), None)
+        if blocking is not None and not blocking.is_dir():
+            return NotADirectoryError(errno.ENOTDIR, f"{blocking} is a file, not a directory", str(target))
+    return type(exc)(exc.errno, exc.strerror, str(target)) if exc.errno else exc
 
 
 SECRET_MARKERS = (b"WALT_VPN_CREDS=",)

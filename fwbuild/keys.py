@@ -157,3 +157,26 @@ def describe_keys(directory: Path) -> KeySummary:
         pubkey_bin_sha256=pubkey_bin_digest(encode_pubkey_bin(boot.public_key())),
         ssh_ca_fingerprint=f"SHA256:{fp}",
     )
+
+
+def recipe_keys_dir(recipe_directory: str, keys_dir: str, recipe_file: str = "the recipe",
+                    cwd: Path | None = None) -> Path:
+    """The absolute key directory of a recipe: `keys.dir` relative to the recipe's directory.
+
+    Refused when ambiguous: a relative `keys.dir` that holds no keys beside the recipe while
+    the same name in the current directory does (keys made by an older fwbuild, or by
+    following a hint from another directory). Guessing would either sign with the wrong
+    key or create a second site key.
+    """
+    configured = Path(keys_dir)
+    if configured.is_absolute():
+        return configured
+    beside = (Path(recipe_directory) / configured).resolve()
+    here = ((cwd or Path.cwd()) / configured).resolve()
+    if beside != here and not KeyPaths(beside).boot_key.exists() and KeyPaths(here).boot_key.exists():
+        raise KeyFileError(
+            f"keys.dir = {keys_dir!r} is ambiguous: it means {beside} (relative to the recipe), "
+            f"which holds no keys, but {here} (relative to the current directory) does",
+            f"{recipe_file}: keys.dir",
+            f"pass --keys {here} (or set keys.dir to that absolute path, or move the keys to {beside})")
+    return beside

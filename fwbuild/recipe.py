@@ -124,6 +124,7 @@ class Recipe:
     recovery: Recovery = field(default_factory=Recovery)
     directory: str = "."
     digest: str = ""
+    path: str = ""  # the recipe file as the user named it (for hints); "" when parsed from a mapping
 
     @property
     def name(self) -> str:
@@ -146,6 +147,13 @@ def _type_name(tp: Any) -> str:
     return {str: "a string", int: "an integer", bool: "a boolean"}.get(tp, getattr(tp, "__name__", str(tp)))
 
 
+_INT = re.compile(r"^[+-]?[0-9]+$")
+
+
+def _unquote_hint(path: str, value: str) -> str:
+    return f"remove the quotes: `{path.rsplit('.', 1)[-1]} = {value}` (TOML quotes make a string)"
+
+
 def _convert(value: Any, tp: Any, path: str) -> Any:
     origin = typing.get_origin(tp)
     if origin is tuple:
@@ -164,11 +172,14 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
         return _table(tp, value, path)
     if tp is bool:
         if not isinstance(value, bool):
-            raise RecipeError(f"expected a boolean, got {value!r}", path)
+            hint = _unquote_hint(path, value) if value in ("true", "false") else "use true or false"
+            raise RecipeError(f"expected a boolean, got {value!r}", path, hint)
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise RecipeError(f"expected an integer, got {value!r}", path)
+            hint = (_unquote_hint(path, value.strip()) if isinstance(value, str) and _INT.match(value.strip())
+                    else "give a whole number, e.g. 8080")
+            raise RecipeError(f"expected an integer, got {value!r}", path, hint)
         return value
     if tp is str:
         if not isinstance(value, str):
@@ -293,7 +304,7 @@ def _check(recipe: Recipe) -> None:
 _TOP_LEVEL = ("recipe", "keys", "site", "sources", "apt", "eeprom", "initramfs", "bootimg", "recovery")
 
 
-def parse_recipe(mapping: Mapping[str, Any], directory: str = ".", digest: str = "") -> Recipe:
+def parse_recipe(mapping: Mapping[str, Any], directory: str = ".", digest: str = "", path: str = "") -> Recipe:
     """Validate a recipe mapping (as tomllib returns it) into a frozen Recipe."""
     for key in mapping:
         if key not in _TOP_LEVEL:
@@ -317,7 +328,7 @@ def parse_recipe(mapping: Mapping[str, Any], directory: str = ".", digest: str =
             raise RecipeError(f"unknown key `{key}`", f"apt.{key}", _near_miss(key, ["repositories"]))
     kwargs["apt_repositories"] = _convert(apt.get("repositories", []), tuple[AptRepository, ...],
                                           "apt.repositories")
-    recipe = Recipe(directory=directory, digest=digest, **kwargs)
+    recipe = Recipe(directory=directory, digest=digest, path=path, **kwargs)
     _check(recipe)
     return recipe
 
@@ -359,9 +370,26 @@ def load_recipe(path: Path, overrides: Sequence[str] = ()) -> Recipe:
         apply_override(mapping, assignment)
     digest = hashlib.sha256(raw + b"\0" + "\0".join(overrides).encode()).hexdigest()
     try:
-        return parse_recipe(mapping, str(path.parent.resolve()), digest)
+        return parse_recipe(mapping, str(path.parent.resolve()), digest, str(path))
     except RecipeError as exc:
+        blamed = _override_for(exc.where, overrides)
+        if blamed is not None:
+            raise RecipeError(exc.what, f"--set {blamed}",
+                              (exc.hint + "; " if exc.hint else "")
+                              + f"the value comes from --set, not from {path}") from None
         raise RecipeError(exc.what, f"{path}: {exc.where}" if exc.where else str(path), exc.hint) from None
+
+
+def _override_for(where: str | None, overrides: Sequence[str]) -> str | None:
+    """The --set assignment (the last one wins) that set the key path `where`, if any."""
+    if not where:
+        return None
+    for assignment in reversed(overrides):
+        key = assignment.partition("=")[0].strip()
+        if (where == key or where.startswith((key + ".", key + "["))
+                or key.startswith(where + ".")):
+            return assignment
+    return None
 
 
 def resolve_path(recipe: Recipe, relative: str) -> Path:

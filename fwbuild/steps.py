@@ -18,7 +18,7 @@ from .errors import BuildError, KeyFileError
 from .fsutil import sha256_file
 from .keys import load_boot_key
 from .recipe import resolve_path, resolved_repositories
-from .sources import check_offline, source_path
+from .sources import check_offline, needed_sources, source_path
 
 
 def _digest(data: bytes) -> str:
@@ -40,29 +40,39 @@ def _key_digest(ctx: BuildContext) -> str:
 
 # --- check_inputs / fetch_sources ------------------------------------------------------
 
+def _selected(ctx: BuildContext, *names: str) -> bool:
+    """Whether any of the steps `names` is part of this build (all are when none was selected)."""
+    return not ctx.selected or any(name in ctx.selected for name in names)
+
+
 def check_inputs(ctx: BuildContext) -> None:
     """Fail before any download: keys present, local files present, offline cache complete."""
     _key_digest(ctx)
     load_boot_key(ctx.keys.boot_key)
     recipe = ctx.recipe
-    for repo in recipe.apt_repositories:
-        keyring = resolve_path(recipe, repo.keyring)
-        if not keyring.is_file():
-            raise BuildError("apt repository keyring not found", f"apt.repositories ({repo.uri}): {keyring}")
-    for variant, template in recipe.eeprom.templates.items():
-        if not resolve_path(recipe, template).is_file():
-            raise BuildError("bootconf template not found", f"eeprom.templates.{variant}: {template}")
-    if recipe.initramfs.init.endswith(".j2") and not resolve_path(recipe, recipe.initramfs.init).is_file():
-        raise BuildError("init template not found", f"initramfs.init: {recipe.initramfs.init}")
-    for dest, src in recipe.initramfs.files.items():
-        if not resolve_path(recipe, src).exists():
-            raise BuildError("initramfs extra file not found", f"initramfs.files.{dest}: {src}")
+    if _selected(ctx, "initramfs", "bootimg"):
+        for repo in recipe.apt_repositories:
+            keyring = resolve_path(recipe, repo.keyring)
+            if not keyring.is_file():
+                raise BuildError("apt repository keyring not found",
+                                 f"apt.repositories ({repo.uri}): {keyring}")
+    if _selected(ctx, "eeprom"):
+        for variant, template in recipe.eeprom.templates.items():
+            if not resolve_path(recipe, template).is_file():
+                raise BuildError("bootconf template not found", f"eeprom.templates.{variant}: {template}")
+    if _selected(ctx, "initramfs"):
+        if recipe.initramfs.init.endswith(".j2") and not resolve_path(recipe, recipe.initramfs.init).is_file():
+            raise BuildError("init template not found", f"initramfs.init: {recipe.initramfs.init}")
+        for dest, src in recipe.initramfs.files.items():
+            if not resolve_path(recipe, src).exists():
+                raise BuildError("initramfs extra file not found", f"initramfs.files.{dest}: {src}")
     if ctx.offline:
-        check_offline(ctx.cache, recipe)
+        check_offline(ctx.cache, recipe, needed_sources(recipe, ctx.selected))
 
 
 def fetch_sources(ctx: BuildContext) -> None:
-    for name in sorted(ctx.recipe.sources):
+    """Fetch the sources the selected steps read (an unused source is never downloaded)."""
+    for name in needed_sources(ctx.recipe, ctx.selected):
         ctx.sources[name] = source_path(ctx.cache, ctx.recipe, name, offline=ctx.offline,
                                         progress=ctx.progress)
 
@@ -210,12 +220,10 @@ def build_bootimg(ctx: BuildContext) -> None:
 
 
 STEPS: list[Step] = [
-    Step("check_inputs", check_inputs),
-    Step("fetch_sources", fetch_sources),
+    Step("check_inputs", check_inputs, always=True),
+    Step("fetch_sources", fetch_sources, always=True),
     Step("eeprom", build_eeprom, eeprom_inputs),
     Step("initramfs", build_initramfs_step),
-    Step("bootimg", build_bootimg),
-    Step("recovery", build_recovery, recovery_inputs),
+    Step("bootimg", build_bootimg, needs=("initramfs",)),
+    Step("recovery", build_recovery, recovery_inputs, needs=("eeprom",)),
 ]
-
-

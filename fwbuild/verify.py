@@ -21,6 +21,9 @@ from .sign import parse_sig, verify_sig
 @dataclass
 class VerifyReport:
     checked: list[str] = field(default_factory=list)
+    steps: list[str] = field(default_factory=list)  # the manifest's build steps
+    partial: bool = False  # built with `fwbuild build --only`
+
 
     def ok(self, line: str) -> None:
         self.checked.append(line)
@@ -38,6 +41,45 @@ def _load_manifest(out_dir: Path) -> dict[str, Any]:
     if not isinstance(manifest, dict) or not isinstance(manifest.get("artifacts"), dict):
         raise FormatError("manifest.json has no `artifacts` table", str(path))
     return manifest
+
+
+ALL_STEPS = ("eeprom", "initramfs", "bootimg", "recovery")
+# Artifacts each build step publishes (eeprom: per variant).
+STEP_ARTIFACTS = {
+    "initramfs": ("initramfs/initramfs_2712",),
+    "bootimg": ("bootimg/boot.img", "bootimg/boot.sig"),
+    "recovery": ("recovery/rpi-5-sd-recovery.tar.gz",),
+}
+
+
+def _check_steps(manifest: dict[str, Any], artifacts: dict[str, Any], out_dir: Path,
+                 report: VerifyReport) -> None:
+    """A set lists the steps it was built with (all of them, or a partial `--only` build):
+    each listed step's artifacts must be there, and no other step's."""
+    steps = manifest.get("steps")
+    where = str(out_dir / MANIFEST)
+    if steps is None:  # sets built before steps were recorded
+        report.steps = [s for s in ALL_STEPS if s != "eeprom" and all(a in artifacts for a in STEP_ARTIFACTS[s])
+                        or s == "eeprom" and any(a.startswith("eeprom/") for a in artifacts)]
+        return
+    if not isinstance(steps, list) or not steps or any(s not in ALL_STEPS for s in steps):
+        raise FormatError(f"manifest `steps` must list build steps among {', '.join(ALL_STEPS)}, "
+                          f"got {steps!r}", where)
+    for step, expected in STEP_ARTIFACTS.items():
+        present = [a for a in expected if a in artifacts]
+        if step in steps and len(present) != len(expected):
+            missing = sorted(set(expected) - set(present))
+            raise FormatError(f"step {step} was built but {missing[0]} is not in the manifest", where)
+        if step not in steps and present:
+            raise FormatError(f"{present[0]} is in the set but step {step} is not in the manifest's steps",
+                              where)
+    has_eeprom = any(a.startswith("eeprom/") for a in artifacts)
+    if ("eeprom" in steps) != has_eeprom:
+        raise FormatError("the manifest's steps and its eeprom/ artifacts disagree", where)
+    report.steps = list(steps)
+    report.partial = set(steps) != set(ALL_STEPS)
+    if report.partial:
+        report.ok(f"partial set: steps {', '.join(steps)} (built with --only)")
 
 
 def _same_key(a: rsa.RSAPublicKey, b: rsa.RSAPublicKey) -> bool:
@@ -72,6 +114,7 @@ def verify_output(out_dir: Path, key: rsa.RSAPublicKey | None = None) -> VerifyR
                                  "rebuild with `fwbuild build`; never edit an artifact set by hand")
         data[rel] = blob
     report.ok(f"{len(artifacts)} artifacts match manifest.json")
+    _check_steps(manifest, artifacts, out_dir, report)
 
     signer: rsa.RSAPublicKey | None = key
     for rel in sorted(r for r in data if r.endswith("/pieeprom.bin")):

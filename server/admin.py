@@ -12,7 +12,7 @@ cross-origin without a preflight, so a web page cannot drive the API).
   POST /api/nodes/<mac>/forget {}
   GET  /api/artifacts          artifact digests and sizes
   GET  /api/nodes/<mac>/pieeprom.bin   the node's expected EEPROM image (for the SSH gate)
-  GET  /api/nodes/<mac>/eeprom-digest  its sha256 hex + "\n"
+  GET  /api/nodes/<mac>/eeprom-digest  its sha256 hex + "\n" (for the SSH gate)
 """
 
 from __future__ import annotations

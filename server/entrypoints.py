@@ -1,4 +1,5 @@
-"""Entrypoint setup text: reverse-proxy configs (HTTP) and the SSH entrypoint script.
+"""Entrypoint setup text: reverse-proxy configs (HTTP) and the SSH setup scripts (the
+server's own sshd with the SSH gate; a separate entrypoint host relaying to it).
 
 Pure functions: values in, text out (the CLI prints them).
 """
@@ -6,14 +7,18 @@ Pure functions: values in, text out (the CLI prints them).
 from __future__ import annotations
 
 import shlex
+import sys
+from pathlib import Path
 
 from fwbuild.errors import UsageError
+from fwbuild.sshgate import forwarder_line, gate_command, gate_line
 
 from .certs import VPN_USER
 from .config import Endpoint, HostKey
 from .http import MAX_BODY
 
 PROXIES = ("nginx", "haproxy", "apache")
+DROPIN = "/etc/ssh/sshd_config.d/fwbuild-walt-vpn.conf"
 
 _NOTE = (
     "the fwbuild server decides which requests may receive node secrets by their client\n"
@@ -76,19 +81,100 @@ backend fwbuild_server
                      f"use one of: {', '.join('--' + p for p in PROXIES)}")
 
 
+def _user_setup(user: str, authorized_keys: str) -> str:
+    return f"""user={user}
+if ! id "$user" >/dev/null 2>&1; then
+    useradd --system --create-home --home-dir /var/lib/$user --shell /bin/sh "$user"
+fi
+home=$(getent passwd "$user" | cut -d: -f6)
+mkdir -p "$home/.ssh"
+cat > "$home/.ssh/authorized_keys.new" <<'EOF'
+{authorized_keys.rstrip()}
+EOF
+mv "$home/.ssh/authorized_keys.new" "$home/.ssh/authorized_keys"
+"""
+
+
+def _plain_path(value: str, what: str) -> str:
+    if not value.startswith("/") or any(c in value for c in "\n\r\"' \\$`"):
+        raise UsageError(f"{what} {value!r} cannot go into the setup script",
+                         what, "use an absolute path without spaces, quotes or $")
+    return value
+
+
+def server_sshd_script(ca_public_key: str, admin_url: str, node_root: str, revoked_keys: str,
+                       *, python: str | None = None, pythonpath: str | None = None) -> str:
+    """Shell script (run as root on the fwbuild server) setting up the gate on its sshd.
+
+    authorized_keys of `walt-vpn`: node certificates get their tunnel and the gate
+    (server.gate) as forced command; a `Match User walt-vpn` drop-in adds what sshd must
+    do for that user only (ExposeAuthInfo, PermitTunnel ethernet, RevokedKeys, and no
+    forwarding/pty/agent/X11 as a second lock).
+    """
+    python = python or sys.executable
+    if pythonpath is None:  # where the `server` package lives (source tree or site-packages)
+        pythonpath = str(Path(__file__).resolve().parent.parent)
+    line = gate_line(ca_public_key, gate_command(python, admin_url, node_root,
+                                                 pythonpath=pythonpath))
+    revoked = _plain_path(revoked_keys, "revoked_keys_file")
+    return f"""#!/bin/sh
+# fwbuild SSH gate setup: run as root on the fwbuild server (its own sshd).
+# Creates user {VPN_USER}; writes its ~/.ssh/authorized_keys (node certificates: tunnel +
+# forced command `{python} -m server.gate`) and {DROPIN}
+# (Match User {VPN_USER}: ExposeAuthInfo, PermitTunnel ethernet, RevokedKeys), checks the
+# sshd configuration (sshd -t; restored when refused) and reloads sshd. Other users keep
+# their settings. The gate asks the admin API at {admin_url} and serves
+# node_root {node_root} read-only, each node its own.
+# sshd opens the server end of a node's tunnel (ssh -w) in the user's session process:
+# it needs CAP_NET_ADMIN there (README, "SSH entrypoint").
+set -eu
+{_user_setup(VPN_USER, line)}chmod 700 "$home/.ssh"
+chmod 600 "$home/.ssh/authorized_keys"
+chown -R "$user:" "$home/.ssh"
+if ! grep -Eqi '^[[:space:]]*Include[[:space:]]+/etc/ssh/sshd_config.d/' /etc/ssh/sshd_config; then
+    echo "/etc/ssh/sshd_config does not include /etc/ssh/sshd_config.d/*.conf:" >&2
+    echo "add 'Include /etc/ssh/sshd_config.d/*.conf' at its top, then run this again" >&2
+    exit 1
+fi
+conf={DROPIN}
+[ ! -e "$conf" ] || cp -p "$conf" "$conf.fwbuild-old"
+[ -e {revoked} ] || {{ mkdir -p "$(dirname {revoked})"; : > {revoked}; }}
+cat > "$conf.new" <<'EOF'
+# Written by `fwbuild entrypoint ssh`: the {VPN_USER} user's sshd settings.
+Match User {VPN_USER}
+    ExposeAuthInfo yes
+    PermitTunnel ethernet
+    RevokedKeys {revoked}
+    AllowTcpForwarding no
+    AllowAgentForwarding no
+    X11Forwarding no
+    PermitTTY no
+    PermitUserRC no
+EOF
+mv "$conf.new" "$conf"
+if ! sshd -t; then
+    if [ -e "$conf.fwbuild-old" ]; then mv "$conf.fwbuild-old" "$conf"; else rm -f "$conf"; fi
+    echo "sshd -t refused the configuration: $conf restored, sshd not reloaded" >&2
+    exit 1
+fi
+rm -f "$conf.fwbuild-old"
+systemctl reload ssh 2>/dev/null || systemctl reload sshd 2>/dev/null \\
+    || kill -HUP "$(cat /run/sshd.pid)"
+echo "SSH gate ready: user $user on this server's sshd"
+"""
+
+
 def ssh_entrypoint_script(ca_public_key: str, server_ssh: Endpoint,
                           server_host_keys: tuple[HostKey, ...] = ()) -> str:
-    """Shell script (run as root on the SSH entrypoint) creating the `walt-vpn` user.
+    """Shell script (run as root on a separate SSH entrypoint host) creating `walt-vpn`.
 
     Only that user's authorized_keys and known_hosts are written; sshd_config is untouched.
-    Nodes authenticate with their certificate (`cert-authority`, principal `walt-vpn`) and
-    may only open a TCP forward to the server's sshd, where the certificate is checked a
-    second time against RevokedKeys (so revocation needs no change here).
+    Nodes authenticate with their certificate and may only relay their SSH connection to
+    the server's sshd (ProxyJump, `ssh -W`), where the certificate is checked a second
+    time against RevokedKeys and the gate decides what the node may do (fwbuild.sshgate).
     """
-    ca = " ".join(ca_public_key.split()[:2])
+    line = forwarder_line(ca_public_key, server_ssh.host, server_ssh.port)
     permit = f"{server_ssh.host}:{server_ssh.port}"
-    options = (f'cert-authority,principals="{VPN_USER}",restrict,port-forwarding,'
-               f'permitopen="{permit}"')
     target = server_ssh.render(22)
     known = "\n".join(
         f"{server_ssh.host if server_ssh.port == 22 else f'[{server_ssh.host}]:{server_ssh.port}'}"
@@ -99,22 +185,14 @@ def ssh_entrypoint_script(ca_public_key: str, server_ssh: Endpoint,
     return f"""#!/bin/sh
 # fwbuild SSH entrypoint setup: run as root on the SSH entrypoint host.
 # Creates user {VPN_USER}; writes only its ~/.ssh/authorized_keys and ~/.ssh/known_hosts.
-# No global sshd change. Nodes log in with their fwbuild certificate and may only
-# forward a TCP connection to the fwbuild server's sshd ({target}), which checks the
-# certificate again (TrustedUserCAKeys + RevokedKeys): revocation takes effect there.
+# No global sshd change. Nodes log in with their fwbuild certificate and may only relay
+# their SSH connection to the fwbuild server's sshd ({target}; the nodes' ProxyJump,
+# server.toml [entrypoints] proxy_jump), which checks the certificate again (RevokedKeys)
+# and runs the SSH gate. No shell, tunnel, agent, pty or other forwarding on this host.
 set -eu
-user={VPN_USER}
-if ! id "$user" >/dev/null 2>&1; then
-    useradd --system --create-home --home-dir /var/lib/$user --shell /bin/sh "$user"
-fi
-home=$(getent passwd "$user" | cut -d: -f6)
-mkdir -p "$home/.ssh"
-cat > "$home/.ssh/authorized_keys" <<'EOF'
-{options} {ca} fwbuild-ssh-ca
-EOF
-{keyscan}
+{_user_setup(VPN_USER, line)}{keyscan}
 chmod 700 "$home/.ssh"
 chmod 600 "$home/.ssh/authorized_keys" "$home/.ssh/known_hosts"
 chown -R "$user:" "$home/.ssh"
-echo "SSH entrypoint ready: user $user, forwarding to {permit}"
+echo "SSH entrypoint ready: user $user, relaying to {permit}"
 """

@@ -148,10 +148,13 @@ class VirtualSite:
                 exported.parent.mkdir(parents=True, exist_ok=True)
                 build_root_image(root, exported)
         keys = KeyPaths(self.options.keys_dir)
-        self.sshd = TestSshd(work / "sshd", ca_public_key=keys.ssh_ca_pub.read_text()).start()
-        self.log(f"sshd entrypoint on 127.0.0.1:{self.sshd.port} (guest: {GUEST_ENTRYPOINT}:{self.options.ssh_port})")
         self.exported = exported
         self.port, self.admin_port = free_port(), free_port()
+        # The node certificate's doors: the SSH gate reads the root and asks the admin API.
+        self.sshd = TestSshd(work / "sshd", ca_public_key=keys.ssh_ca_pub.read_text(),
+                             gate_root=str(exported),
+                             gate_admin=f"http://127.0.0.1:{self.admin_port}").start()
+        self.log(f"sshd entrypoint on 127.0.0.1:{self.sshd.port} (guest: {GUEST_ENTRYPOINT}:{self.options.ssh_port})")
         self._write_addresses()
         self._start_server()
 

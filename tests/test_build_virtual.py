@@ -33,7 +33,9 @@ def test_virtual_build_verifies_and_is_reproducible(tmp_path: Path, monkeypatch:
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("SOURCE_DATE_EPOCH", raising=False)
     runner = CliRunner()
-    recipe = str(ROOT / "recipes" / "virtual.toml")
+    # keys.dir is relative to the recipe file: a copy of the recipe keeps the keys in tmp_path.
+    shutil.copy(ROOT / "recipes" / "virtual.toml", tmp_path / "virtual.toml")
+    recipe = str(tmp_path / "virtual.toml")
     first = runner.invoke(main, ["build", recipe, "--init-keys", "--out", "out"])
     assert first.exit_code == 0, first.output
     out = tmp_path / "out" / "virtual"
@@ -50,7 +52,7 @@ def test_virtual_build_verifies_and_is_reproducible(tmp_path: Path, monkeypatch:
     assert not any(secret in data for data in before.values())
 
     # Rebuild after touching every source the recipe reads: identical bytes.
-    for path in (ROOT / "recipes").rglob("*"):
+    for path in [*(ROOT / "recipes").rglob("*"), tmp_path / "virtual.toml"]:
         os.utime(path, None)
     second = runner.invoke(main, ["build", recipe, "--out", "out"])
     assert second.exit_code == 0, second.output

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from fwbuild.eeprom.assemble import assemble_eeprom
 from fwbuild.eeprom.bootconf import (
     VARIANTS,
+    check_bootconf,
     parse_bootconf,
     render_bootconf,
     template_text,
@@ -127,10 +128,14 @@ BAD_LINES = [
     ("DHCP_TIMEOUT=5s", "decimal"),
     ("NET_INSTALL_ENABLED=2", "0 or 1"),
     ("HTTP_CACERT_HASH=abc", "SHA-256"),
-    ("boot_order=0xf1", "A-Z"),
+    ("boot_order=0xf1", "case-sensitive: did you mean BOOT_ORDER?"),
+    ("BOOT_ORDR=0xf1", "did you mean BOOT_ORDER?"),
     ("BOOT ORDER=0xf1", "A-Z"),
     ("JUSTAWORD", "KEY=VALUE"),
-    ("BOOT_ORDER=0xf1 ", "trailing spaces"),
+    ("HTTP_HOST=boot.example.org ", "trailing spaces"),
+    ("WALT_VPN_USER=walt ", "trailing spaces"),
+    ("BOOT_ORDER= 0xf1", "leading spaces"),
+    ("BOOT_ORDER =0xf1", "A-Z"),
     ("BOOT_ORDER=0xf1\r", "printable ASCII"),
     ("WALT_VPN_MAC=52:54:00:AA:BB:CC", "MAC"),
     ("WALT_VPN_MAC=01:54:00:aa:bb:cc", "locally administered"),
@@ -154,7 +159,7 @@ BAD_LINES = [
 @pytest.mark.parametrize("line, message", BAD_LINES)
 def test_validation_errors(line: str, message: str) -> None:
     with pytest.raises(ConfigError) as caught:
-        validate_bootconf(f"[all]\nBOOT_UART=1\n{line}\n", "node.txt")
+        validate_bootconf(f"[all]\nBOOT_UART=1\n{line}\n", "node.txt", strict=True)
     assert message in f"{caught.value} {caught.value.hint}"
     assert caught.value.where is not None and caught.value.where.startswith("node.txt:3")
 
@@ -174,9 +179,40 @@ def test_valid_lines(line: str) -> None:
     validate_bootconf(f"[all]\n{line}\n")
 
 
+def test_unknown_keys_warn_and_strict_refuses() -> None:
+    text = "[all]\nBOOT_ORDR=0xf1\nWALT_VPN_MACC=52:54:00:aa:bb:cc\nSITE_TAG=rack4\n"
+    result = check_bootconf(text, "node.txt")
+    assert result.settings["BOOT_ORDR"] == "0xf1"
+    assert [(w.where, w.hint) for w in result.warnings] == [
+        ("node.txt:2 BOOT_ORDR", "did you mean BOOT_ORDER?"),
+        ("node.txt:3 WALT_VPN_MACC", "did you mean WALT_VPN_MAC?"),
+        ("node.txt:4 SITE_TAG", "no documented key is close; a custom key is kept, strict validation refuses it"),
+    ]
+    assert "the bootloader ignores it" in result.warnings[0].what
+    with pytest.raises(ConfigError) as caught:
+        check_bootconf(text, "node.txt", strict=True)
+    assert caught.value.where == "node.txt:2 BOOT_ORDR" and caught.value.hint == "did you mean BOOT_ORDER?"
+    assert "strict" in caught.value.what
+
+
+def test_sections_the_raspberry_pi_tools_accept() -> None:
+    text = ("[all]\nBOOT_UART=0\nFREEZE_VERSION=1   \n[none]   \nuserdata0=0x12345789\nusercert=AAAA+/=\n"
+            "[gpio8=0]\nBOOT_ORDER=0xf21\n[pi4]\nBOOT_ORDER=0xf41\n[config.txt]\ndtoverlay=vc4-kms-v3d\n")
+    result = check_bootconf(text, strict=True)
+    assert result.settings == {"BOOT_UART": "0", "FREEZE_VERSION": "1"} and not result.warnings
+    # Values in conditional sections are still checked: the bootloader applies them.
+    with pytest.raises(ConfigError, match="unknown boot mode nibble '8'"):
+        check_bootconf("[all]\nBOOT_UART=0\n[gpio8=0]\nBOOT_ORDER=0xf8\n")
+    with pytest.raises(ConfigError, match="not KEY=VALUE"):
+        check_bootconf("[pi5]\nJUSTAWORD\n")
+
+
 def test_duplicates_and_sections() -> None:
+    warned = check_bootconf("[all]\nBOOT_ORDER=0xf1\nBOOT_ORDER=0xf2\n")
+    assert warned.settings == {"BOOT_ORDER": "0xf2"}
+    assert "set twice in [all] (lines 2 and 3)" in warned.warnings[0].what
     with pytest.raises(ConfigError, match="set twice"):
-        validate_bootconf("[all]\nBOOT_ORDER=0xf1\nBOOT_ORDER=0xf2\n")
+        validate_bootconf("[all]\nBOOT_ORDER=0xf1\nBOOT_ORDER=0xf2\n", strict=True)
     text = "BOOT_UART=1\n[gpio8=0]\nBOOT_ORDER=0xf1\n[all]\nBOOT_ORDER=0xf7\n"
     assert validate_bootconf(text) == {"BOOT_UART": "1", "BOOT_ORDER": "0xf7"}
     assert parse_bootconf(text) == {"BOOT_UART": "1", "BOOT_ORDER": "0xf7"}
@@ -239,3 +275,51 @@ def test_random_valid_configs_round_trip(variant: str, host: str, port: int | No
 
 
 BASES = {layout: synthetic_image(layout) for layout in ("ab", "non-ab")}
+
+
+def test_recipe_templates_are_validated_strictly() -> None:
+    # A recipe's own template with a misspelt key: refused, not written into a signed image.
+    with pytest.raises(ConfigError) as caught:
+        render_bootconf("recovery", {}, "[all]\nBOOT_ORDR=0xf21\n")
+    assert "did you mean BOOT_ORDER?" in f"{caught.value} {caught.value.hint}"
+    assert caught.value.where == "bootconf.txt (recovery):2 BOOT_ORDR"
+    # Non-strict rendering (an explicit choice) keeps it.
+    assert "BOOT_ORDR" in render_bootconf("recovery", {}, "[all]\nBOOT_ORDR=0xf21\n", strict=False)
+    # Keys the caller declares through `extra` are deliberate; WALT_VPN_* ones must exist.
+    text = render_bootconf("enforced", dict(NODE, extra=[("SITE_TAG", "rack4")]))
+    assert "SITE_TAG=rack4\n" in text
+    with pytest.raises(ConfigError) as caught:
+        render_bootconf("enforced", dict(NODE, extra=[("WALT_VPN_MACC", "52:54:00:aa:bb:cc")]))
+    assert caught.value.hint == "did you mean WALT_VPN_MAC?"
+    for variant in VARIANTS:  # the shipped templates pass strict validation
+        check_bootconf(render_bootconf(variant, NODE), strict=True)
+
+
+def test_size_error_counts_comments() -> None:
+    text = "[all]\nBOOT_UART=1\n" + "# " + "c" * 4000 + "\nHDMI_DELAY=0\n" + "# more\n" * 10
+    with pytest.raises(ConfigError) as caught:
+        validate_bootconf(text)
+    assert "largest keys: comments (4073 B), HDMI_DELAY (13 B), BOOT_UART (12 B)" in str(caught.value)
+
+
+_line = st.one_of(
+    st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=40),
+    st.builds(lambda k, v: f"{k}={v}", st.sampled_from(["BOOT_ORDER", "HTTP_HOST", "HTTP_PATH", "WALT_VPN_MAC",
+                                                        "DHCP_TIMEOUT", "FREEZE_VERSION", "userdata0", "X"]),
+              st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=20)),
+    st.sampled_from(["[all]", "[none]", "[gpio8=0]", "[config.txt]", "[pi4", "#", "   "]),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(lines=st.lists(_line, max_size=12), strict=st.booleans())
+def test_any_text_gives_settings_or_a_config_error(lines: list[str], strict: bool) -> None:
+    text = "\n".join(lines) + "\n"
+    try:
+        result = check_bootconf(text, strict=strict)
+    except ConfigError as exc:
+        assert exc.where is not None and exc.where.startswith("bootconf.txt")
+        return
+    assert not (strict and result.warnings)
+    for key, value in result.settings.items():
+        assert f"{key}={value}" in text

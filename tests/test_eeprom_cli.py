@@ -136,3 +136,45 @@ def test_edit_config_of_a_signed_image_needs_the_sign_key(tmp_path: Path, sessio
                                     "--sign-key", key])
     assert resigned.exit_code == 0
     assert runner.invoke(main, ["eeprom", "verify", str(out), "--key", key]).exit_code == 0
+
+
+def test_pi4_synth_inspect_extract_edit_verify(tmp_path: Path) -> None:
+    pi4 = tmp_path / "pi4.bin"
+    code, _, err = run("synth", str(pi4), "--soc", "2711")
+    assert code == 0, err
+    assert pi4.read_bytes() == synthetic_image("non-ab", "2711") and len(pi4.read_bytes()) == 512 * 1024
+    code, _, err = run("synth", str(tmp_path / "x.bin"), "--soc", "2711", "--layout", "ab")
+    assert code == 2 and "2711 (Raspberry Pi 4) images have no 'ab' layout" in err
+    code, out, _ = run("inspect", str(pi4))
+    assert code == 0 and "board:        Raspberry Pi 4 (2711)" in out and "bootconf.txt    " in out
+    config = tmp_path / "boot.conf"
+    config.write_text("[all]\nBOOT_UART=1\nBOOT_ORDER=0xf21\n[pi4]\nPOWER_OFF_ON_HALT=1\n")
+    out_image = tmp_path / "out.bin"
+    code, _, err = run("edit", str(pi4), "--config", str(config), "--out", str(out_image), "--timestamp", "5")
+    assert code == 0 and err == "", err
+    result = CliRunner().invoke(main, ["eeprom", "extract", str(out_image)])
+    assert result.exit_code == 0 and result.stdout_bytes == config.read_bytes()  # byte for byte
+    code, out, _ = run("verify", str(out_image))
+    assert code == 0 and out.startswith(f"OK: {out_image}: 2711 non-ab layout, virtual")
+    code, out, _ = run("diff", str(pi4), str(out_image))
+    assert code == 1 and "+BOOT_ORDER=0xf21" in out and "timestamp: None -> 5" in out
+
+
+def test_unknown_key_warns_and_strict_refuses(image: Path, tmp_path: Path) -> None:
+    config = tmp_path / "typo.conf"
+    config.write_text("[all]\nBOOT_UART=1\nBOOT_ORDR=0xf1\n")
+    out = tmp_path / "out.bin"
+    code, _, err = run("edit", str(image), "--config", str(config), "--out", str(out))
+    assert code == 0
+    assert err.splitlines() == ["Warning: unknown key BOOT_ORDR: the bootloader ignores it (typo.conf:3 BOOT_ORDR)",
+                                "Hint: did you mean BOOT_ORDER?"]
+    code, _, err = run("verify", str(out))
+    assert code == 0 and "did you mean BOOT_ORDER?" in err
+    code, _, err = run("verify", str(out), "--strict")
+    assert code == 1 and "refused in strict mode" in err
+    strict_out = tmp_path / "strict.bin"
+    code, _, err = run("edit", str(image), "--config", str(config), "--out", str(strict_out), "--strict")
+    assert code == 1 and "did you mean BOOT_ORDER?" in err and not strict_out.exists()
+    code, _, err = run("edit", str(image), "--config", str(config), "--out", str(strict_out), "--strict",
+                       "--no-validate")
+    assert code == 2 and not strict_out.exists()

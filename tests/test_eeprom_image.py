@@ -13,6 +13,7 @@ from fwbuild.eeprom.image import (
     AB_PARTITION_B,
     FILE_MAGIC,
     IMAGE_SIZE,
+    IMAGE_SIZE_2711,
     MODIFIABLE_FILES,
     PAD_MAGIC,
     RESERVED_TAIL,
@@ -23,13 +24,20 @@ from fwbuild.eeprom.image import (
     replace_files,
     set_timestamp,
 )
-from fwbuild.eeprom.synthetic import DEFAULT_BOOTCONF, is_virtual, synthetic_image
+from fwbuild.eeprom.synthetic import (
+    DEFAULT_BOOTCONF,
+    DEFAULT_BOOTCONF_2711,
+    is_virtual,
+    synthetic_image,
+)
 from fwbuild.errors import ConfigError, FormatError, FwbuildError, UsageError
 
-LAYOUTS = ("ab", "non-ab")
+LAYOUTS = ("ab", "non-ab", "2711")  # 2712 AB, 2712 non-AB, 2711 (Pi 4, non-AB)
 AB = synthetic_image("ab")
 NON_AB = synthetic_image("non-ab")
-IMAGES = {"ab": AB, "non-ab": NON_AB}
+PI4 = synthetic_image("non-ab", "2711")
+IMAGES = {"ab": AB, "non-ab": NON_AB, "2711": PI4}
+DEFAULTS = {"ab": DEFAULT_BOOTCONF, "non-ab": DEFAULT_BOOTCONF, "2711": DEFAULT_BOOTCONF_2711}
 
 
 def reference_update(data: bytes, name: str, content: bytes) -> bytes:
@@ -46,8 +54,7 @@ def reference_update(data: bytes, name: str, content: bytes) -> bytes:
         fname = buf[offset + 8:offset + 20].decode().replace("\0", "") if magic == FILE_MAGIC else ""
         table.append((magic, offset, fname))
         offset = (offset + 8 + length + 7) & ~7
-    ab = any(t[1] == AB_PARTITION_A[0] and t[2] == "bootsys" for t in table)
-    lo, hi = AB_PARTITION_A if ab else (0, len(buf))
+    lo, hi = AB_PARTITION_A  # the reference searches partition A's window on every image
     index = next(i for i, t in enumerate(table) if t[0] == FILE_MAGIC and t[2] == name and lo <= t[1] < hi)
     hdr = table[index][1]
     nxt = min(len(buf) - RESERVED_TAIL, hi)
@@ -62,7 +69,7 @@ def reference_update(data: bytes, name: str, content: bytes) -> bytes:
         buf[pad_start] = 0xFF
         pad_start += 1
     pad_bytes = nxt - pad_start
-    if pad_bytes > 8 and index != len(table) - 1:
+    if pad_bytes >= 8 and index != len(table) - 1:
         pad_bytes -= 8
         struct.pack_into(">LL", buf, pad_start, PAD_MAGIC, pad_bytes)
         pad_start += 8
@@ -71,14 +78,19 @@ def reference_update(data: bytes, name: str, content: bytes) -> bytes:
 
 
 def test_synthetic_is_deterministic_and_virtual() -> None:
-    for layout in LAYOUTS:
+    for layout in ("ab", "non-ab"):
         data = synthetic_image(layout)
         assert data == synthetic_image(layout)
         assert len(data) == IMAGE_SIZE
         assert is_virtual(data)
+        assert parse_image(data).soc == "2712"
+    assert synthetic_image("non-ab", "2711") == PI4
+    assert len(PI4) == IMAGE_SIZE_2711 and is_virtual(PI4) and b"FWBUILD-VIRTUAL-2711" in PI4[:200]
+    assert parse_image(PI4).soc == "2711"
     assert not is_virtual(b"\xff" * IMAGE_SIZE)
-    with pytest.raises(UsageError):
-        synthetic_image("abc")
+    for bad in (("abc", "2712"), ("ab", "2711"), ("non-ab", "2710")):
+        with pytest.raises(UsageError):
+            synthetic_image(*bad)
 
 
 def test_ab_layout_matches_the_measured_offsets() -> None:
@@ -99,14 +111,27 @@ def test_ab_layout_matches_the_measured_offsets() -> None:
     assert any(s.kind == "lz4" for s in image.sections)
 
 
-def test_non_ab_layout() -> None:
-    image = parse_image(NON_AB)
+@pytest.mark.parametrize("layout", ["non-ab", "2711"])
+def test_non_ab_layout(layout: str) -> None:
+    image = parse_image(IMAGES[layout])
     assert image.layout == "non-ab"
     files = [s for s in image.sections if s.kind == "file"]
     assert [s.name for s in files] == ["pubkey.bin", "cacert.der", "bootconf.sig", "bootconf.txt"]
     assert all(s.offset % 4096 == 0 for s in files)
     assert image.sections[-1].name == "bootconf.txt"
     assert files[0].offset >= 128 * 1024
+    assert image.read_file("bootconf.txt") == DEFAULTS[layout]
+
+
+def test_2711_limits_come_from_its_table() -> None:
+    image = parse_image(PI4)
+    assert len(PI4) == 512 * 1024
+    # pubkey.bin, cacert.der and bootconf.sig each own one 4 KiB sector: 4096 - 24 = 4072.
+    assert {n: image.file_capacity(n) for n in MODIFIABLE_FILES} == {
+        "bootconf.txt": 4076, "bootconf.sig": 4072, "pubkey.bin": 4072, "cacert.der": 4072}
+    assert any(s.kind == "blob" for s in image.sections)
+    with pytest.raises(ConfigError, match="4073 bytes, 1 over its 4072-byte slot"):
+        replace_file(PI4, "bootconf.sig", b"x" * 4073)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -121,7 +146,7 @@ def test_round_trip_after_edit(layout: str) -> None:
     edited = replace_file(IMAGES[layout], "bootconf.txt", b"[all]\nBOOT_ORDER=0xf7\n")
     again = replace_file(edited, "bootconf.txt", parse_image(edited).read_file("bootconf.txt"))
     assert again == edited
-    restored = replace_file(edited, "bootconf.txt", DEFAULT_BOOTCONF)
+    restored = replace_file(edited, "bootconf.txt", DEFAULTS[layout])
     assert restored == IMAGES[layout]
 
 
@@ -143,7 +168,7 @@ def test_shrinking_leaves_erased_bytes(layout: str) -> None:
     old_end = section.offset + 24 + len(big)
     new_end = section.offset + 24 + 6
     tail = shrunk[new_end:old_end]
-    if layout == "ab":  # a PAD header follows at the next 8-byte boundary, then 0xFF
+    if layout == "ab":  # bootconf.txt is not last: a PAD header follows at the next 8-byte boundary, then 0xFF
         pad_at = (new_end + 7) & ~7
         assert struct.unpack_from(">L", shrunk, pad_at)[0] == PAD_MAGIC
         tail = shrunk[new_end:pad_at] + shrunk[pad_at + 8:old_end]
@@ -214,6 +239,8 @@ def test_timestamps() -> None:
     assert sum(a != b for a, b in zip(stamped, AB)) <= 16
     flat = set_timestamp(NON_AB, 1_700_000_000)
     assert flat[-8:] == expected and flat[:-8] == NON_AB[:-8]
+    pi4 = set_timestamp(PI4, 1_700_000_000)
+    assert pi4[-8:] == expected and pi4[:-8] == PI4[:-8] and read_timestamp(pi4) == 1_700_000_000
     assert decode_timestamp(bytes.fromhex("00000000ffffffff")) is None
     with pytest.raises(ConfigError):
         set_timestamp(AB, -1)
@@ -226,10 +253,13 @@ def test_updates_are_all_or_nothing() -> None:
         replace_files(AB, {"bootconf.txt": b"ok\n", "cacert.der": b"x" * 3000}, timestamp=5)
 
 
-@pytest.mark.parametrize("size", [0, 512 * 1024, IMAGE_SIZE - 1, IMAGE_SIZE + 1])
+@pytest.mark.parametrize("size", [0, 256 * 1024, IMAGE_SIZE_2711 + 8, IMAGE_SIZE - 1, IMAGE_SIZE + 1])
 def test_wrong_sizes_are_refused(size: int) -> None:
-    with pytest.raises(FormatError, match="2712"):
+    with pytest.raises(FormatError) as caught:
         parse_image(b"\xff" * size)
+    message = f"{caught.value} {caught.value.hint}"
+    assert "Raspberry Pi 4 (2711, 512 KiB) and Raspberry Pi 5 (2712, 2 MiB)" in message
+    assert f"{size} bytes" in message
 
 
 def test_corrupted_magic_and_length() -> None:
@@ -264,8 +294,8 @@ def corruptions(draw: st.DrawFn) -> tuple[str, list[tuple[int, int]]]:
             base = draw(st.sampled_from(HEADERS[layout]))
             position = base + draw(st.integers(0, 23))
         else:
-            position = draw(st.integers(0, IMAGE_SIZE - 1))
-        edits.append((min(position, IMAGE_SIZE - 1), draw(st.integers(0, 255))))
+            position = draw(st.integers(0, len(IMAGES[layout]) - 1))
+        edits.append((min(position, len(IMAGES[layout]) - 1), draw(st.integers(0, 255))))
     return layout, edits
 
 

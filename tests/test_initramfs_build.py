@@ -178,7 +178,7 @@ def test_cli_build_list_why(cache: Cache, built: InitramfsResult, tmp_path: Path
     assert out.read_bytes() == built.data
     listing = runner.invoke(main, ["initramfs", "list", str(out)])
     assert listing.exit_code == 0
-    assert "crw-------   1 0    0       5,   1 2023-11-14 22:13 /dev/console" in listing.output
+    assert "crw-------   1 0    0       5,   1 2023-11-14 22:13 UTC /dev/console" in listing.output
     assert "/lib/ld-linux-aarch64.so.1 -> aarch64-linux-gnu/ld-linux-aarch64.so.1" in listing.output
     why = runner.invoke(main, ["initramfs", "why", str(out), "/usr/lib/aarch64-linux-gnu/libcrypto.so.3"])
     assert why.exit_code == 0

@@ -321,8 +321,8 @@ def test_entrypoint_commands(server_env: dict[str, Path]) -> None:
                                       "walt-server:8080", "--config", config])
         assert result.exit_code == 0 and needle in result.output, result.output
     assert runner.invoke(main, ["entrypoint", "http", "--config", config]).exit_code == 2
-    script = runner.invoke(main, ["entrypoint", "ssh", "--server-ssh", "walt-server:22",
-                                  "--config", config])
+    script = runner.invoke(main, ["entrypoint", "ssh", "--forwarding-host",
+                                  "--server-ssh", "walt-server:22", "--config", config])
     assert script.exit_code == 0
     ca = (server_env["keys"] / "ssh-ca.pub").read_text().split()[1]
     assert ca in script.output and 'principals="walt-vpn"' in script.output

@@ -13,8 +13,15 @@ from click.testing import CliRunner
 
 from fwbuild.cli import main
 from fwbuild.errors import SourceError
-from fwbuild.recipe import parse_recipe
-from fwbuild.sources import Cache, check_offline, fetch_all, fetch_url, import_directory
+from fwbuild.recipe import load_recipe, parse_recipe
+from fwbuild.sources import (
+    Cache,
+    MissingSourcesError,
+    check_offline,
+    fetch_all,
+    fetch_url,
+    import_directory,
+)
 
 PAYLOAD = bytes(range(256)) * 4096  # 1 MiB
 DIGEST = hashlib.sha256(PAYLOAD).hexdigest()
@@ -104,8 +111,10 @@ def test_unreachable_server_is_reported(cache: Cache) -> None:
 
 
 def _recipe(server: str) -> dict[str, object]:
+    # Both sources are used (an unused source is never fetched).
     return {"recipe": {"name": "t", "target": "virtual"}, "site": {"http_host": "127.0.0.1"},
             "initramfs": {"kernel_package": "linux-image-cloud-arm64"},
+            "eeprom": {"base": "source:blob"}, "recovery": {"recovery_bin": "source:second"},
             "sources": {"blob": {"url": f"{server}/good.bin", "sha256": DIGEST},
                         "second": {"url": f"{server}/other.bin",
                                    "sha256": hashlib.sha256(PAYLOAD[::-1]).hexdigest()}}}
@@ -120,11 +129,14 @@ def test_offline_cache_hit_needs_no_server(server: str, cache: Cache) -> None:
 
 
 def test_offline_miss_names_every_missing_file(cache: Cache) -> None:
-    recipe = parse_recipe(_recipe("http://127.0.0.1:9"))
-    with pytest.raises(SourceError) as info:
+    recipe = parse_recipe(_recipe("http://127.0.0.1:9"), path="site/t.toml")
+    with pytest.raises(MissingSourcesError) as info:
         check_offline(cache, recipe)
-    assert "blob (good.bin" in info.value.what and "second (other.bin" in info.value.what
-    assert "fwbuild fetch recipes/t.toml --import DIR" in (info.value.hint or "")
+    assert "2 pinned file(s) missing" in info.value.what
+    second = hashlib.sha256(PAYLOAD[::-1]).hexdigest()
+    assert info.value.details == [f"blob: http://127.0.0.1:9/good.bin  sha256 {DIGEST}",
+                                  f"second: http://127.0.0.1:9/other.bin  sha256 {second}"]
+    assert "fwbuild fetch site/t.toml --import DIR" in (info.value.hint or "")
 
 
 def test_import_seeds_the_cache_by_hash(tmp_path: Path, cache: Cache) -> None:
@@ -143,13 +155,20 @@ def test_import_seeds_the_cache_by_hash(tmp_path: Path, cache: Cache) -> None:
 def test_fetch_cli_offline_and_import(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FWBUILD_CACHE", str(tmp_path / "cache"))
     recipe = Path(__file__).resolve().parent.parent / "recipes" / "walt-vpn.toml"
+    parsed = load_recipe(recipe)
     runner = CliRunner()
     result = runner.invoke(main, ["fetch", str(recipe), "--offline"])
     assert result.exit_code == 1
-    assert "2 pinned file(s) missing" in result.output and "pieeprom" in result.output
-    assert "Hint: copy the files" in result.output
+    assert "2 pinned file(s) missing" in result.output
+    for name in ("pieeprom", "recovery_bin"):  # every file, with its URL and whole sha256
+        source = parsed.sources[name]
+        assert f"  {name}: {source.url}  sha256 {source.sha256}" in result.output
+    assert "Hint: download the files (URLs above)" in result.output
+    assert f"fwbuild fetch {recipe} --import DIR" in result.output and "RECIPE" not in result.output
     empty = tmp_path / "empty"
     empty.mkdir()
     result = runner.invoke(main, ["fetch", str(recipe), "--import", str(empty)])
-    assert result.exit_code == 0
-    assert "still missing: pieeprom, recovery_bin" in result.output
+    assert result.exit_code == 1, "files are still missing: not a success"
+    assert "imported: nothing" in result.output
+    assert "2 pinned file(s) still missing from the cache after the import" in result.output
+    assert f"sha256 {parsed.sources['pieeprom'].sha256}" in result.output

@@ -257,9 +257,17 @@ def _ssh_setup(tmp_path: Path, session_keys: Path, sshd: TestSshd, *, known_host
     return config
 
 
+# The gate (the test sshd's forced command) answers an SFTP INIT with VERSION 3: proof that
+# the certificate was accepted and the session reached the gate, with no server needed.
+SFTP_INIT = "\x00\x00\x00\x05\x01\x00\x00\x00\x03"
+SFTP_VERSION = "\x02\x00\x00\x00\x03"  # after the length: VERSION, 3
+
+
 def _ssh(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["ssh", "-F", str(config), *args, "walt-vpn-entrypoint", "echo", "hello"],
-                          capture_output=True, text=True, timeout=60, check=False)
+    return subprocess.run(["ssh", "-F", str(config), *args, "walt-vpn-entrypoint",
+                           "/usr/lib/openssh/sftp-server"], input=SFTP_INIT,
+                          capture_output=True, text=True, encoding="latin-1", timeout=60,
+                          check=False)
 
 
 @pytest.fixture
@@ -277,7 +285,7 @@ def test_certificate_login_with_pinned_host_key(tmp_path: Path, session_keys: Pa
     config = _ssh_setup(tmp_path, session_keys, sshd)
     result = _ssh(config)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "hello"
+    assert result.stdout[4:9] == SFTP_VERSION
 
 
 @pytest.mark.slow
@@ -292,9 +300,9 @@ def test_wrong_host_key_is_refused(tmp_path: Path, session_keys: Path, sshd: Tes
 
 @pytest.mark.slow
 def test_revoked_certificate_is_refused(tmp_path: Path, session_keys: Path, sshd: TestSshd) -> None:
-    config = _ssh_setup(tmp_path, session_keys, sshd, key_id="vpn_revoked")
+    config = _ssh_setup(tmp_path, session_keys, sshd, key_id="vpn_525400000099")
     assert _ssh(config).returncode == 0
-    sshd.revoke_key_ids(["vpn_revoked"])
+    sshd.revoke_key_ids(["vpn_525400000099"])
     result = _ssh(config)
     assert result.returncode == 255
     assert "Permission denied" in result.stderr
@@ -363,7 +371,7 @@ def test_http_connect_proxy_helper(tmp_path: Path, session_keys: Path, sshd: Tes
         assert f"ProxyCommand {BUSYBOX} sh" in config.read_text()
         result = _ssh(config)
         assert result.returncode == 0, result.stderr
-        assert result.stdout.strip() == "hello"
+        assert result.stdout[4:9] == SFTP_VERSION
         assert proxy.requests == [f"CONNECT 127.0.0.1:{sshd.port} HTTP/1.1"]
         proxy.allowed_port = 1  # now the proxy refuses: one clear line from the helper
         result = _ssh(config)
@@ -391,7 +399,7 @@ def test_sftp_requests_are_counted(tmp_path: Path, session_keys: Path, sshd: Tes
     assert between.requests["OPEN"] == 1 and between.requests["READ"] >= 1
     assert between.bytes_out > 5000
     assert parse_sftp_log(text).requests["INIT"] == 1
-    with pytest.raises(subprocess.CalledProcessError):  # read-only export (sftp-server -R)
+    with pytest.raises(subprocess.CalledProcessError):  # read-only export (the gate's SFTP)
         batch.write_text(f"put {batch} {export}/new\n")
         subprocess.run(["sftp", "-F", str(config), "-b", str(batch), "walt-vpn-entrypoint"],
                        capture_output=True, timeout=60, check=True)
@@ -401,14 +409,15 @@ def test_sftp_requests_are_counted(tmp_path: Path, session_keys: Path, sshd: Tes
 @pytest.mark.slow
 def test_proxy_jump_through_the_entrypoint(tmp_path: Path, session_keys: Path, sshd: TestSshd) -> None:
     ca_pub = (session_keys / "ssh-ca.pub").read_text()
-    with TestSshd(tmp_path / "jump", ca_public_key=ca_pub, allow_forwarding=True) as jump:
+    with TestSshd(tmp_path / "jump", ca_public_key=ca_pub,
+                  forward_to=f"127.0.0.1:{sshd.port}") as jump:
         pinned = sshd.known_hosts_line("127.0.0.1") + jump.known_hosts_line("127.0.0.1")
         config = _ssh_setup(tmp_path, session_keys, sshd, known_hosts=pinned,
                             jump=f"walt-vpn@127.0.0.1:{jump.port}")
         assert "ProxyJump walt-vpn-jump" in config.read_text()
         result = _ssh(config)
         assert result.returncode == 0, result.stderr
-        assert result.stdout.strip() == "hello"
+        assert result.stdout[4:9] == SFTP_VERSION
         assert "Accepted publickey for walt-vpn" in jump.log_text()
         # The jump host's key is pinned too: an unpinned jump host is refused.
         (tmp_path / "vpn" / "creds" / "known_hosts").write_text(sshd.known_hosts_line("127.0.0.1"))

@@ -78,8 +78,10 @@ def guest(tmp_path_factory: pytest.TempPathFactory) -> Guest:
 
 
 @pytest.fixture
-def sshd(tmp_path: Path, session_keys: Path) -> Iterator[TestSshd]:
-    with TestSshd(tmp_path / "sshd", ca_public_key=(session_keys / "ssh-ca.pub").read_text()) as server:
+def sshd(tmp_path: Path, session_keys: Path, guest: Guest) -> Iterator[TestSshd]:
+    # The SSH gate confines SFTP to the export (the root directory and images/root.img).
+    with TestSshd(tmp_path / "sshd", ca_public_key=(session_keys / "ssh-ca.pub").read_text(),
+                  gate_root=str(guest.root.parent)) as server:
         yield server
 
 
@@ -183,8 +185,8 @@ def test_wrong_host_key_is_refused(guest: Guest, tmp_path: Path, session_keys: P
 
 def test_revoked_certificate_is_refused(guest: Guest, tmp_path: Path, session_keys: Path,
                                         sshd: TestSshd) -> None:
-    sshd.revoke_key_ids(["vpn_revoked_node"])
-    result = boot(guest, tmp_path, session_keys, sshd, key_id="vpn_revoked_node")
+    sshd.revoke_key_ids(["vpn_52540000dead"])
+    result = boot(guest, tmp_path, session_keys, sshd, key_id="vpn_52540000dead")
     lines = vpn_lines(result.console)
     refused = (f"SSH entrypoint 10.0.2.2:{sshd.port} refused the node certificate "
                "(revoked, expired or wrong principal)")
@@ -249,7 +251,7 @@ def test_walt_net_impostor_is_refused(guest: Guest, tmp_path: Path, session_keys
 def test_ethernet_tunnel_carries_frames(guest: Guest, tmp_path: Path, session_keys: Path) -> None:
     # sshd in a network namespace of its own: its tap device and addresses stay off the host.
     with TestSshd(tmp_path / "sshd", ca_public_key=(session_keys / "ssh-ca.pub").read_text(),
-                  permit_tunnel=True, netns=True) as sshd:
+                  permit_tunnel=True, netns=True, gate_root=str(guest.root.parent)) as sshd:
         qemu = guest_config(guest, tmp_path, session_keys, sshd,
                             cmdline="fwbuild.tunping=192.168.77.2/24,192.168.77.1 fwbuild.hold=15")
         with start_qemu(qemu, tmp_path / "console.log") as vm:

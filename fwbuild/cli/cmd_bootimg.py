@@ -12,7 +12,7 @@ from ..bootimg.bootimg import DEFAULT_KERNEL_NAME, boot_files, build_boot_image,
 from ..bootimg.fat import read_fat
 from ..fsutil import atomic_write
 from ..sign import source_date_epoch
-from ._common import existing_file
+from ._common import existing_file, writing
 
 
 @click.group("bootimg")
@@ -27,7 +27,7 @@ def bootimg_list(boot_img: str) -> None:
     volume = read_fat(Path(boot_img).read_bytes(), boot_img)
     click.echo(volume.describe())
     for entry in volume.entries:
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(entry.mtime))
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(entry.mtime))
         size = "<dir>" if entry.is_dir else str(entry.size)
         click.echo(f"{size:>10}  {stamp}  {entry.path}{'/' if entry.is_dir else ''}")
 
@@ -43,7 +43,8 @@ def bootimg_extract(boot_img: str, path: str, out: Path | None) -> None:
     if out is None or str(out) == "-":
         click.get_binary_stream("stdout").write(data)
         return
-    atomic_write(out, data)
+    with writing("--out", out):
+        atomic_write(out, data)
     click.echo(f"wrote {out} ({len(data)} bytes)", err=True)
 
 
@@ -77,8 +78,9 @@ def bootimg_build(kernel: str, initramfs: str, dtbs: tuple[str, ...], overlays: 
         {Path(o).name: Path(o).read_bytes() for o in overlays}, kernel_name)
     image = build_boot_image(files, ts)
     signature = sign_boot_image(image, key, ts)
-    atomic_write(out_dir / "boot.img", image)
-    atomic_write(out_dir / "boot.sig", signature)
+    with writing("--out", out_dir):
+        atomic_write(out_dir / "boot.img", image)
+        atomic_write(out_dir / "boot.sig", signature)
     click.echo(read_fat(image).describe())
     click.echo(f"wrote {out_dir / 'boot.img'} ({len(image)} bytes) and {out_dir / 'boot.sig'}")
 

@@ -1,4 +1,5 @@
-"""`fwbuild eeprom ...`: inspect, extract, edit, verify, diff and synthesize pieeprom.bin images."""
+"""`fwbuild eeprom ...`: inspect, extract, edit, verify, diff and synthesize pieeprom.bin images
+(Raspberry Pi 4 / 2711, 512 KiB, and Raspberry Pi 5 / 2712, 2 MiB)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,14 @@ def _read(path: str) -> bytes:
     return Path(path).read_bytes()
 
 
+def _warn(warnings: Any) -> None:
+    """Print bootconf warnings (BootconfWarning) to stderr, like errors but not fatal."""
+    for warning in warnings:
+        click.echo(f"Warning: {warning}", err=True)
+        if warning.hint:
+            click.echo(f"Hint: {warning.hint}", err=True)
+
+
 def _write_or_print(data: bytes, out: str | None) -> None:
     if out is None:
         sys.stdout.buffer.write(data)
@@ -28,7 +37,7 @@ def _write_or_print(data: bytes, out: str | None) -> None:
 
 @click.group("eeprom")
 def eeprom() -> None:
-    """Read and edit Raspberry Pi 5 EEPROM images (pieeprom.bin)."""
+    """Read and edit Raspberry Pi 4 (2711) and Raspberry Pi 5 (2712) EEPROM images (pieeprom.bin)."""
 
 
 @eeprom.command("inspect")
@@ -49,6 +58,7 @@ def _render_info(info: dict[str, Any]) -> str:
     kind = "virtual (synthetic fwbuild image)" if info["virtual"] else "firmware"
     ts = info["timestamp"]
     lines = [
+        f"board:        {info['board']}",
         f"layout:       {info['layout']} ({kind})",
         f"timestamp:    {ts if ts is not None else 'unset'}",
         f"pubkey.bin:   {info['pubkey_sha256']}",
@@ -83,21 +93,29 @@ def extract_cmd(image: str, name: str, out: str | None) -> None:
 @click.argument("image", type=existing_file())
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="The edited image.")
 @click.option("--config", type=existing_file(), help="New bootconf.txt (written byte for byte).")
+@click.option("--digest", type=existing_file(),
+              help="An externally made bootconf.sig (rpi-eeprom-digest, an HSM) stored as is; "
+                   "its hash line must match the config.")
 @click.option("--pubkey", type=existing_file(), help="RSA-2048 public key PEM to store as pubkey.bin.")
 @click.option("--sign-key", type=existing_file(),
               help="RSA-2048 private key PEM: writes bootconf.sig and pubkey.bin of this key.")
 @click.option("--cacert", type=existing_file(), help="DER CA certificate to store as cacert.der.")
 @click.option("--timestamp", type=click.IntRange(0, 0xFFFFFFFF), help="Update timestamp (also the bootconf.sig ts).")
+@click.option("--strict", is_flag=True, help="Unknown keys are errors, not warnings.")
 @click.option("--no-validate", is_flag=True, help="Do not check the config values (raw edit).")
-def edit_cmd(image: str, out: str, config: str | None, pubkey: str | None, sign_key: str | None,
-             cacert: str | None, timestamp: int | None, no_validate: bool) -> None:
-    """Write a new image, like `rpi-eeprom-config IMAGE --config F [--pubkey PEM] --out OUT`."""
-    from ..eeprom.bootconf import validate_bootconf
+def edit_cmd(image: str, out: str, config: str | None, digest: str | None, pubkey: str | None,
+             sign_key: str | None, cacert: str | None, timestamp: int | None, strict: bool,
+             no_validate: bool) -> None:
+    """Write a new image, like `rpi-eeprom-config IMAGE --config F [--digest SIG] [--pubkey PEM] --out OUT`."""
+    from ..eeprom.assemble import check_external_digest
+    from ..eeprom.bootconf import check_bootconf
     from ..eeprom.image import parse_image, replace_files
     from ..eeprom.pubkey import encode_pubkey_bin
     from ..keys import load_boot_key, load_public_key
     from ..sign import build_sig, source_date_epoch
 
+    if strict and no_validate:
+        raise UsageError("--strict and --no-validate contradict each other", "--strict")
     parsed = parse_image(_read(image))
     updates: dict[str, bytes] = {}
     config_bytes = _read(config) if config is not None else parsed.read_file("bootconf.txt")
@@ -107,25 +125,29 @@ def edit_cmd(image: str, out: str, config: str | None, pubkey: str | None, sign_
                 text = config_bytes.decode("ascii")
             except UnicodeDecodeError:
                 raise UsageError("the config is not ASCII text", config) from None
-            validate_bootconf(text, Path(config).name)
+            _warn(check_bootconf(text, Path(config).name, strict=strict).warnings)
         updates["bootconf.txt"] = config_bytes
     if pubkey is not None:
         updates["pubkey.bin"] = encode_pubkey_bin(load_public_key(Path(pubkey)))
     if sign_key is not None:
-        if pubkey is not None:
-            raise UsageError("--pubkey and --sign-key both set pubkey.bin", "--pubkey",
-                             "--sign-key already stores the public half of the signing key")
+        if pubkey is not None or digest is not None:
+            option = "--pubkey" if pubkey is not None else "--digest"
+            raise UsageError(f"{option} and --sign-key both set the signature files", option,
+                             "--sign-key already writes bootconf.sig and the public half of the key")
         key = load_boot_key(Path(sign_key))
         ts = timestamp if timestamp is not None else source_date_epoch()
         updates["bootconf.sig"] = build_sig(config_bytes, ts, key=key)
         updates["pubkey.bin"] = encode_pubkey_bin(key.public_key())
+    if digest is not None:
+        updates["bootconf.sig"] = check_external_digest(parsed, _read(digest), config_bytes,
+                                                        updates.get("pubkey.bin"), digest)
     if cacert is not None:
         updates["cacert.der"] = _read(cacert)
-    if config is not None and sign_key is None and parsed.has_file("bootconf.sig") \
+    if config is not None and sign_key is None and digest is None and parsed.has_file("bootconf.sig") \
             and parsed.read_file("bootconf.sig").strip(b"\x00\xff"):
         raise UsageError("the image's bootconf.sig signs its current config; the new config would "
                          "be left with a stale signature", image,
-                         "re-sign with --sign-key PEM (the site's boot-signing key)")
+                         "re-sign with --sign-key PEM (the site's boot-signing key) or give --digest SIG")
     edited = replace_files(parsed.data, updates, timestamp=timestamp, image=parsed)
     atomic_write(out, edited, mode_for(edited))
 
@@ -133,16 +155,18 @@ def edit_cmd(image: str, out: str, config: str | None, pubkey: str | None, sign_
 @eeprom.command("verify")
 @click.argument("image", type=existing_file())
 @click.option("--key", type=existing_file(), help="Also require bootconf.sig and pubkey.bin to match this key.")
-def verify_cmd(image: str, key: str | None) -> None:
+@click.option("--strict", is_flag=True, help="Unknown bootconf.txt keys are errors, not warnings.")
+def verify_cmd(image: str, key: str | None, strict: bool) -> None:
     """Check structure, config and bootconf.sig; exit 1 with the reason when anything is off."""
     from ..eeprom.assemble import verify_eeprom
     from ..keys import load_public_key
 
     public = load_public_key(Path(key)) if key is not None else None
-    report = verify_eeprom(_read(image), public)
+    report = verify_eeprom(_read(image), public, strict=strict)
+    _warn(report.warnings)
     signature = "signed (rsa2048)" if report.signed else "unsigned"
     virtual = ", virtual" if report.virtual else ""
-    click.echo(f"OK: {image}: {report.layout} layout{virtual}, bootconf.txt {signature}, "
+    click.echo(f"OK: {image}: {report.soc} {report.layout} layout{virtual}, bootconf.txt {signature}, "
                f"pubkey.bin {report.pubkey_sha256 or 'none'}, timestamp {report.timestamp or 'unset'}")
 
 
@@ -163,12 +187,15 @@ def diff_cmd(a: str, b: str) -> None:
 
 @eeprom.command("synth")
 @click.argument("out", type=click.Path(dir_okay=False))
-@click.option("--layout", type=click.Choice(["ab", "non-ab"]), default="ab", show_default=True)
-def synth_cmd(out: str, layout: str) -> None:
-    """Write a synthetic (virtual) 2712 image."""
+@click.option("--layout", type=click.Choice(["ab", "non-ab"]), help="2712: ab (default) or non-ab; 2711: non-ab.")
+@click.option("--soc", type=click.Choice(["2712", "2711"]), default="2712", show_default=True,
+              help="2712 = Raspberry Pi 5 (2 MiB), 2711 = Raspberry Pi 4 (512 KiB, non-AB only).")
+def synth_cmd(out: str, layout: str | None, soc: str) -> None:
+    """Write a synthetic (virtual) 2712 or 2711 image."""
     from ..eeprom.synthetic import synthetic_image
 
-    atomic_write(out, synthetic_image(layout))
+    chosen = layout if layout is not None else ("ab" if soc == "2712" else "non-ab")
+    atomic_write(out, synthetic_image(chosen, soc))
 
 
 COMMANDS = [eeprom]

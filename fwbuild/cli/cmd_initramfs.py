@@ -10,7 +10,7 @@ import click
 
 from ..errors import UsageError
 from ..sign import source_date_epoch
-from ._common import BarProgress, existing_file
+from ._common import existing_file, progress_display, writing
 
 
 @click.group("initramfs")
@@ -75,13 +75,11 @@ def build_cmd(recipe: str | None, packages: tuple[str, ...], binaries: tuple[str
         init=init or spec.init,
         compression=compression or spec.compression,
     )
-    bar = BarProgress()
     started = time.monotonic()
-    try:
-        result = build_initramfs(spec, Cache.default(), progress=bar)
-    finally:
-        bar.close()
-    sidecar = write_initramfs(result, out)
+    with progress_display("initramfs") as display:
+        result = build_initramfs(spec, Cache.default(), progress=display)
+    with writing("--out", out):
+        sidecar = write_initramfs(result, out)
     click.echo(f"{out}: {len(result.data)} bytes ({spec.compression}), "
                f"{result.uncompressed_size} uncompressed, {len(result.entries)} entries, "
                f"{len(result.packages)} packages pinned, {time.monotonic() - started:.1f} s")
@@ -102,7 +100,7 @@ def list_cmd(file: str, numeric: bool) -> None:
     entries = read_cpio(decompress(data, file))
     total = 0
     for entry in entries:
-        when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(entry.mtime))
+        when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(entry.mtime))
         size = len(entry.data)
         if entry.kind in "cb":
             size_text = f"{entry.rdevmajor:>4},{entry.rdevminor:>4}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import click
@@ -17,7 +18,16 @@ from ..recovery.archive import (
 from ..recovery.device import SysfsProbe, describe_target, write_kit
 from ..recovery.diskimage import recovery_disk_image
 from ..sign import source_date_epoch
-from ._common import BarProgress, existing_file
+from ._common import (
+    emit_json,
+    existing_file,
+    format_epoch,
+    json_option,
+    note,
+    progress_display,
+    state,
+    write_failure,
+)
 
 _from_option = click.option(
     "--from", "from_archive", type=existing_file(),
@@ -50,15 +60,25 @@ def _kit(from_archive: str | None, eeprom: str | None, recovery_bin: str | None,
                          hint="the real recovery.bin comes from rpi-eeprom's firmware-2712/")
     rbin = Path(recovery_bin).read_bytes() if recovery_bin else fake_recovery_bin()
     if virtual:
-        click.echo("note: using a FAKE recovery.bin (--virtual): not for real boards", err=True)
+        note("note: using a FAKE recovery.bin (--virtual): not for real boards")
     ts = epoch if epoch is not None else source_date_epoch()
     return kit_files(rbin, Path(eeprom).read_bytes(), ts), ts
 
 
 def _warn_if_secret(files: dict[str, bytes], out: Path) -> None:
     if mode_for(files["pieeprom.bin"]) == 0o600:
-        click.echo(f"note: this EEPROM image carries node credentials (WALT_VPN_CREDS): {out} is "
-                   "private (0600) and this kit does not wipe them from the board", err=True)
+        note(f"note: this EEPROM image carries node credentials (WALT_VPN_CREDS): {out} is "
+             "private (0600) and this kit does not wipe them from the board")
+
+
+def _result(kind: str, target: Path, size: int, files: dict[str, str], epoch: int,
+            **extra: object) -> dict[str, object]:
+    return {"kind": kind, "path": str(target), "bytes": size, "files": files,
+            "epoch": epoch, "private": extra.pop("private", False), **extra}
+
+
+def _digests(files: dict[str, bytes]) -> dict[str, str]:
+    return {name: hashlib.sha256(data).hexdigest() for name, data in sorted(files.items())}
 
 
 @click.group("recovery")
@@ -73,14 +93,23 @@ def recovery_group() -> None:
 @_epoch_option
 @click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Output .tar.gz (e.g. rpi-5-sd-recovery.tar.gz).")
+@json_option
 def recovery_archive_cmd(eeprom: str | None, recovery_bin: str | None, virtual: bool,
-                         epoch: int | None, out: Path) -> None:
+                         epoch: int | None, out: Path, as_json: bool) -> None:
     """Pack --eeprom IMAGE (any 2 MiB image, e.g. a node's) into a recovery .tar.gz."""
     files, ts = _kit(None, eeprom, recovery_bin, virtual, epoch)
     data = pack_tar_gz(files, ts)
-    atomic_write(out, data, mode_for(files["pieeprom.bin"]))
+    try:
+        atomic_write(out, data, mode_for(files["pieeprom.bin"]))
+    except OSError as exc:
+        raise write_failure(exc, "--out", out) from None
     _warn_if_secret(files, out)
-    click.echo(f"wrote {out} ({len(data)} bytes): {', '.join(sorted(files))}")
+    if as_json:
+        emit_json(_result("archive", out, len(data), _digests(files), ts,
+                          private=mode_for(files["pieeprom.bin"]) == 0o600))
+        return
+    click.echo(f"wrote {out} ({len(data)} bytes): {', '.join(sorted(files))}; "
+               f"timestamps {format_epoch(ts)}")
 
 
 @recovery_group.command("image")
@@ -90,18 +119,30 @@ def recovery_archive_cmd(eeprom: str | None, recovery_bin: str | None, virtual: 
 @_recovery_bin_option
 @_virtual_option
 @_epoch_option
+@json_option
 def recovery_image_cmd(out: Path, from_archive: str | None, eeprom: str | None,
-                       recovery_bin: str | None, virtual: bool, epoch: int | None) -> None:
+                       recovery_bin: str | None, virtual: bool, epoch: int | None, as_json: bool) -> None:
     """Write OUT, a disk image (MBR + FAT32 partition) for dd or Raspberry Pi Imager."""
-    if describe_target(out).block_device:
+    try:
+        is_disk = describe_target(out).block_device is not None
+    except OSError as exc:
+        raise write_failure(exc, "OUT", out) from None
+    if is_disk:
         raise UsageError("`recovery image` writes image files; this is a disk", str(out),
                          "use `fwbuild recovery write` to write a card (it shows what will be erased)")
     files, ts = _kit(from_archive, eeprom, recovery_bin, virtual, epoch)
     image = recovery_disk_image(files, ts)
-    report = write_kit(out, image)
+    try:
+        report = write_kit(out, image)
+    except OSError as exc:
+        raise write_failure(exc, "OUT", out) from None
     if mode_for(files["pieeprom.bin"]) == 0o600 and out.is_file():
         out.chmod(0o600)
     _warn_if_secret(files, out)
+    if as_json:
+        emit_json(_result("image", out, report.bytes_written, report.files, ts,
+                          private=mode_for(files["pieeprom.bin"]) == 0o600))
+        return
     click.echo(f"wrote {out} ({report.bytes_written} bytes; sparse): "
                f"{', '.join(sorted(report.files))}")
 
@@ -118,29 +159,44 @@ def recovery_image_cmd(out: Path, from_archive: str | None, eeprom: str | None,
               help="Accept a disk the kernel does not flag removable (some built-in SD readers).")
 @click.option("--system-root", type=click.Path(file_okay=False, path_type=Path), default=Path("/"),
               hidden=True, help="Read sys/ and proc/ under this directory (tests).")
+@json_option
 def recovery_write_cmd(device: Path, from_archive: str | None, eeprom: str | None,
                        recovery_bin: str | None, virtual: bool, epoch: int | None, yes: bool,
-                       allow_non_removable: bool, system_root: Path) -> None:
+                       allow_non_removable: bool, system_root: Path, as_json: bool) -> None:
     """Write the kit to DEVICE (an SD card, or a file), then read it back and verify it.
 
     Refuses a partition, the system disk, a mounted disk and (unless
     --allow-non-removable) a non-removable disk. Shows what will be erased and
     asks for confirmation unless --yes.
     """
+    if as_json and not yes:
+        raise UsageError("--json needs --yes (a prompt cannot be answered in JSON)", "--json",
+                         "check the target first without --json, then run again with --yes --json")
     files, ts = _kit(from_archive, eeprom, recovery_bin, virtual, epoch)
     probe = SysfsProbe(system_root)
-    info = describe_target(device, probe, allow_non_removable=allow_non_removable)
-    click.echo(info.describe())
+    try:
+        info = describe_target(device, probe, allow_non_removable=allow_non_removable)
+    except OSError as exc:
+        raise write_failure(exc, "DEVICE", device) from None
+    if as_json:
+        note(info.describe())
+    else:
+        click.echo(info.describe())
     if not yes:
         click.confirm(f"Write the recovery kit to {device}?", abort=True)
     image = recovery_disk_image(files, ts)
-    bar = BarProgress()
-    try:
-        report = write_kit(device, image, bar, probe, allow_non_removable=allow_non_removable)
-    finally:
-        bar.close()
-    for path, digest in sorted(report.files.items()):
-        click.echo(f"verified  {digest}  {path}")
+    with progress_display(f"recovery write {device}") as display:
+        try:
+            report = write_kit(device, image, display, probe, allow_non_removable=allow_non_removable)
+        except OSError as exc:
+            raise write_failure(exc, "DEVICE", device) from None
+    if as_json:
+        emit_json(_result("write", device, report.bytes_written, report.files, ts,
+                          block_device=report.block_device, verified=True, description=info.describe()))
+        return
+    if not state().quiet:
+        for path, digest in sorted(report.files.items()):
+            click.echo(f"verified  {digest}  {path}")
     click.echo(f"wrote and verified {report.bytes_written} bytes on {device}; "
                "insert the card in the Pi 5 and power it on (see README.txt)")
 

@@ -200,20 +200,37 @@ def entrypoint_http(kind: str | None, server_text: str | None, listen_port: int,
 
 
 @entrypoint_group.command("ssh")
+@click.option("--forwarding-host", is_flag=True,
+              help="Print the script for a separate entrypoint host that only relays nodes "
+                   "to the server's sshd (ProxyJump) instead of the server's own sshd setup.")
 @click.option("--server-ssh", metavar="HOST[:PORT]",
-              help="The fwbuild server's sshd (default: server.hostname:22 from --config).")
+              help="With --forwarding-host: the fwbuild server's sshd "
+                   "(default: server.hostname:22 from --config).")
 @click.option("--server-host-keys", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Pinned host keys of that sshd (ssh-keyscan output); default: keyscan at setup.")
+              help="With --forwarding-host: pinned host keys of that sshd (ssh-keyscan "
+                   "output); default: keyscan at setup.")
 @config_option
-def entrypoint_ssh(server_ssh: str | None, server_host_keys: Path | None,
+def entrypoint_ssh(forwarding_host: bool, server_ssh: str | None, server_host_keys: Path | None,
                    config_path: Path) -> None:
-    """Print the SSH entrypoint setup script (user walt-vpn; no global sshd change)."""
+    """Print the SSH setup script: the SSH gate on this server's sshd (user walt-vpn:
+    node certificates get their tunnel, read-only SFTP of their own root and their own
+    EEPROM image/digest, nothing else), or a separate relaying entrypoint host."""
     from fwbuild.keys import KeyPaths
     from server.config import load_config, parse_endpoint, parse_host_keys
-    from server.entrypoints import ssh_entrypoint_script
+    from server.entrypoints import server_sshd_script, ssh_entrypoint_script
 
     config = load_config(config_path)
     ca_pub = KeyPaths(config.keys_dir).ssh_ca_pub.read_text("ascii")
+    if not forwarding_host:
+        if server_ssh or server_host_keys:
+            raise click.UsageError("--server-ssh and --server-host-keys need --forwarding-host")
+        if config.admin.port == 0:
+            raise click.UsageError("the SSH gate needs a fixed [admin] port in the config, not 0")
+        host = config.admin.listen
+        admin = f"http://{f'[{host}]' if ':' in host else host}:{config.admin.port}"
+        click.echo(server_sshd_script(ca_pub, admin, config.node_root,
+                                      str(config.revoked_keys_file)), nl=False)
+        return
     endpoint = (parse_endpoint(server_ssh, 22, "--server-ssh") if server_ssh
                 else parse_endpoint(config.hostname, 22, "server.hostname"))
     keys = tuple(parse_host_keys(server_host_keys.read_text("ascii"), str(server_host_keys))

@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from ..errors import ConfigError, FormatError, SignatureError
 from ..sign import build_sig, parse_sig, verify_sig
-from .bootconf import validate_bootconf
+from .bootconf import BootconfWarning, check_bootconf, validate_bootconf
 from .image import (
     IMAGE_SIZE,
     MODIFIABLE_FILES,
@@ -74,10 +74,36 @@ def assemble_eeprom(
     return replace_files(base, updates, timestamp=timestamp, image=image)
 
 
+def check_external_digest(image: EepromImage, sig_bytes: bytes, config: bytes, new_pubkey: bytes | None,
+                          where: str = "bootconf.sig") -> bytes:
+    """An externally made bootconf.sig (rpi-eeprom-digest, an HSM), returned byte for byte
+    (the reference's `--digest` stores it as is) once its hash line matches `config` and
+    its rsa2048 line, if any, verifies with the pubkey.bin the image will hold (`new_pubkey`,
+    else the image's own). Raises FormatError / SignatureError."""
+    sig = parse_sig(sig_bytes, where)
+    try:
+        verify_sig(config, sig, where=where)
+    except SignatureError as exc:
+        raise SignatureError("the digest's hash line does not match the config", where,
+                             f"{exc.what}; make the digest from this exact config "
+                             "(rpi-eeprom-digest -i CONFIG -o SIG)") from None
+    if sig.rsa2048 is None:
+        return sig_bytes
+    raw = new_pubkey
+    if raw is None and image.has_file("pubkey.bin"):
+        raw = image.read_file("pubkey.bin")
+    if raw is None or _is_placeholder(raw):
+        raise SignatureError("the digest is RSA-signed but the image has no pubkey.bin to verify it", where,
+                             "give the public key with --pubkey PEM")
+    verify_sig(config, sig, decode_pubkey_bin(raw, "pubkey.bin"), require_rsa=True, where=where)
+    return sig_bytes
+
+
 def pieeprom_sig(image: bytes, timestamp: int) -> bytes:
     """The `pieeprom.sig` beside a recovery pieeprom.bin: hash, `ts:`, `target-soc: 2712`."""
     if len(image) != IMAGE_SIZE:
-        raise FormatError(f"EEPROM image is {len(image)} bytes, a 2712 image is {IMAGE_SIZE}")
+        raise FormatError(f"EEPROM image is {len(image)} bytes, not a {IMAGE_SIZE}-byte Raspberry Pi 5 (2712) image",
+                          hint="pieeprom.sig with `target-soc: 2712` is built for Raspberry Pi 5 images only")
     return build_sig(image, timestamp, target_soc=TARGET_SOC)
 
 
@@ -86,12 +112,14 @@ class EepromReport:
     """What `verify_eeprom` checked."""
 
     layout: str
+    soc: str  # "2711" (Raspberry Pi 4) or "2712" (Raspberry Pi 5)
     virtual: bool
     timestamp: int | None
     config_sha256: str
     settings: dict[str, str] = field(default_factory=dict)
     signed: bool = False  # bootconf.sig carries an rsa2048 line that verified
     pubkey_sha256: str | None = None  # SHA-256 of pubkey.bin (the OTP key hash), None if empty
+    warnings: tuple[BootconfWarning, ...] = ()  # bootconf.txt keys the bootloader ignores
 
 
 def _pubkey(image: EepromImage) -> tuple[bytes | None, rsa.RSAPublicKey | None]:
@@ -103,8 +131,9 @@ def _pubkey(image: EepromImage) -> tuple[bytes | None, rsa.RSAPublicKey | None]:
     return raw, decode_pubkey_bin(raw, "pubkey.bin")
 
 
-def verify_eeprom(image: bytes, key: rsa.RSAPublicKey | None = None) -> EepromReport:
+def verify_eeprom(image: bytes, key: rsa.RSAPublicKey | None = None, *, strict: bool = False) -> EepromReport:
     """Check structure, config and bootconf.sig (against pubkey.bin, and `key` when given).
+    Unknown config keys are warnings in the report (errors when `strict`).
 
     Raises FormatError / ConfigError / SignatureError with the reason.
     """
@@ -114,7 +143,8 @@ def verify_eeprom(image: bytes, key: rsa.RSAPublicKey | None = None) -> EepromRe
         text = config.decode("ascii")
     except UnicodeDecodeError:
         raise FormatError("bootconf.txt is not ASCII", "bootconf.txt") from None
-    settings = validate_bootconf(text)
+    checked = check_bootconf(text, strict=strict)
+    settings = checked.settings
     if "HTTP_CACERT_HASH" in settings:
         _check_cacert_hash(settings, parsed.read_file("cacert.der") if parsed.has_file("cacert.der") else None)
     raw_pub, pub = _pubkey(parsed)
@@ -141,12 +171,14 @@ def verify_eeprom(image: bytes, key: rsa.RSAPublicKey | None = None) -> EepromRe
             raise SignatureError("bootconf.sig has no rsa2048 line", "bootconf.sig")
     return EepromReport(
         layout=parsed.layout,
+        soc=parsed.soc,
         virtual=is_virtual(image),
         timestamp=read_timestamp(parsed),
         config_sha256=hashlib.sha256(config).hexdigest(),
         settings=settings,
         signed=signed,
         pubkey_sha256=pubkey_bin_digest(raw_pub) if raw_pub is not None else None,
+        warnings=checked.warnings,
     )
 
 
@@ -190,6 +222,8 @@ def inspect_image(data: bytes) -> dict[str, Any]:
         timestamp = None
     return {
         "size": len(data),
+        "soc": parsed.soc,
+        "board": "Raspberry Pi 5 (2712)" if parsed.soc == "2712" else "Raspberry Pi 4 (2711)",
         "layout": parsed.layout,
         "virtual": is_virtual(data),
         "timestamp": timestamp,
@@ -212,6 +246,8 @@ def diff_images(a: bytes, b: bytes) -> list[str]:
     pa, pb = parse_image(a), parse_image(b)
     ia, ib = inspect_image(a), inspect_image(b)
     lines: list[str] = []
+    if pa.soc != pb.soc:
+        lines.append(f"board: {ia['board']} -> {ib['board']}")
     if pa.layout != pb.layout:
         lines.append(f"layout: {pa.layout} -> {pb.layout}")
     config_a, config_b = ia["config"] or "", ib["config"] or ""

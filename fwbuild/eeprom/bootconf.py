@@ -14,6 +14,7 @@ import importlib.resources
 import ipaddress
 import re
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import jinja2
@@ -217,10 +218,63 @@ CHECKS: dict[str, Callable[[str, str], None]] = {
 WALT_KEYS = tuple(k for k in CHECKS if k.startswith("WALT_VPN_"))
 
 
+# Documented bootloader properties (raspberrypi/documentation, eeprom-bootloader.adoc;
+# USB_MSD_BOOT_MAX_RETRIES and SIGNED_BOOT from rpi-eeprom's test configs and secure-boot
+# docs). An unknown key is only a warning: the bootloader ignores it, and custom keys are
+# legitimate (WalT's own WALT_VPN_* keys are checked above).
+BOOTLOADER_KEYS = (
+    "BOOT_UART", "UART_BAUD", "WAKE_ON_GPIO", "POWER_OFF_ON_HALT", "WAIT_FOR_POWER_BUTTON",
+    "BOOT_ORDER", "BOOT_WATCHDOG_TIMEOUT", "BOOT_WATCHDOG_PARTITION", "MAX_RESTARTS",
+    "REBOOT_ON_FATAL_ERROR", "SD_BOOT_MAX_RETRIES", "SD_OVERCURRENT_CHECK", "SD_QUIRKS",
+    "NET_BOOT_MAX_RETRIES", "USB_MSD_BOOT_MAX_RETRIES", "DHCP_TIMEOUT", "DHCP_REQ_TIMEOUT",
+    "TFTP_FILE_TIMEOUT", "TFTP_IP", "TFTP_PREFIX", "TFTP_PREFIX_STR", "PXE_OPTION43",
+    "DHCP_OPTION97", "MAC_ADDRESS", "MAC_ADDRESS_OTP", "CLIENT_IP", "SUBNET", "GATEWAY",
+    "DISABLE_HDMI", "HDMI_DELAY", "ENABLE_SELF_UPDATE", "FREEZE_VERSION", "HTTP_HOST",
+    "HTTP_PORT", "HTTP_PATH", "HTTP_CACERT_HASH", "IMAGER_REPO_URL", "NET_INSTALL_ENABLED",
+    "NET_INSTALL_AT_POWER_ON", "NET_INSTALL_KEYBOARD_WAIT", "NETCONSOLE", "PARTITION",
+    "PARTITION_WALK", "BOOTVAR0", "PCIE_PROBE", "PSU_MAX_CURRENT", "USB_MSD_EXCLUDE_VID_PID",
+    "USB_MSD_DISCOVER_TIMEOUT", "USB_MSD_LUN_TIMEOUT", "USB_MSD_PWR_OFF_TIME",
+    "USB_MSD_STARTUP_DELAY", "VL805", "XHCI_DEBUG", "SDRAM_BANKLOW", "SIGNED_BOOT",
+)
+KNOWN_KEYS = tuple(dict.fromkeys((*BOOTLOADER_KEYS, *CHECKS)))
+# Keys whose value the bootloader reads as a number: it stops at the first space, so
+# trailing spaces (`FREEZE_VERSION=1   ` in Raspberry Pi's own 2019 configs) are harmless.
+# String values (hosts, paths, MACs, WALT_VPN_*) would keep them: refused there.
+TEXT_KEYS = frozenset({"TFTP_IP", "TFTP_PREFIX_STR", "PXE_OPTION43", "MAC_ADDRESS", "MAC_ADDRESS_OTP",
+                       "CLIENT_IP", "SUBNET", "GATEWAY", "HTTP_HOST", "HTTP_PATH", "HTTP_CACERT_HASH",
+                       "IMAGER_REPO_URL", "NETCONSOLE", "USB_MSD_EXCLUDE_VID_PID", *WALT_KEYS})
+# Sections whose lines are never bootloader settings: `[none]` never matches, and from
+# `[config.txt]` on, lines are config.txt properties for the firmware (lowercase keys).
+INACTIVE_SECTIONS = ("none", "config.txt")
+_ANY_KEY = re.compile(r"[A-Za-z0-9_]+")
+
+
+@dataclass(frozen=True)
+class BootconfWarning:
+    """Something the bootloader accepts but probably was not meant (an unknown key)."""
+
+    what: str
+    where: str
+    hint: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.what} ({self.where})"
+
+
+@dataclass(frozen=True)
+class BootconfCheck:
+    """The settings of [all] (last value wins) and the warnings."""
+
+    settings: dict[str, str]
+    warnings: tuple[BootconfWarning, ...] = ()
+
+
 def _size_error(text: str, size: int, where: str) -> ConfigError:
     sizes: dict[str, int] = {}
     for line in text.splitlines(keepends=True):
         key, sep, _ = line.partition("=")
+        if line.lstrip(" ").startswith("#"):
+            key, sep = "comments", "#"
         if sep:
             sizes[key.strip()] = sizes.get(key.strip(), 0) + len(line.encode("utf-8"))
     largest = sorted(sizes.items(), key=lambda kv: (-kv[1], kv[0]))[:3]
@@ -230,9 +284,50 @@ def _size_error(text: str, size: int, where: str) -> ConfigError:
                  "shorten the largest values (<= 4072 B keeps it in one 4 KiB sector)")
 
 
-def validate_bootconf(text: str, where: str = "bootconf.txt") -> dict[str, str]:
-    """Check every line and value; return the settings (last value wins). Raises ConfigError."""
+def _unknown_key(key: str, at: str) -> BootconfWarning:
+    if key.startswith("WALT_VPN_"):
+        candidates: Sequence[str] = WALT_KEYS
+        what = f"unknown key {key}: not a WALT_VPN_* key the VPN init reads"
+    else:
+        candidates = KNOWN_KEYS
+        what = f"unknown key {key}: the bootloader ignores it"
+    if key.upper() in KNOWN_KEYS:
+        return BootconfWarning(what, at, f"keys are case-sensitive: did you mean {key.upper()}?")
+    close = difflib.get_close_matches(key.upper(), candidates, n=1, cutoff=0.75)
+    hint = f"did you mean {close[0]}?" if close else "no documented key is close; a custom key is kept, strict validation refuses it"
+    return BootconfWarning(what, at, hint)
+
+
+def _check_line(key: str, raw_value: str, at: str) -> None:
+    """A key=value line of an active section: syntax, spaces, the value of known keys."""
+    if not _ANY_KEY.fullmatch(key):
+        raise _fail(f"key {key[:40]!r} is not made of A-Z, 0-9 and _", at,
+                    "no spaces around `=`: the bootloader does not ignore them")
+    value = raw_value.rstrip(" ")
+    if value != raw_value and key in TEXT_KEYS:
+        raise _fail(f"{key} value has trailing spaces, which the bootloader would keep in the value", at,
+                    "remove them")
+    if value.startswith(" "):
+        raise _fail(f"{key} value has leading spaces", at, "no spaces around `=`: the bootloader does not ignore them")
+    check = CHECKS.get(key)
+    if check is not None:
+        check(value, at)
+
+
+def check_bootconf(text: str, where: str = "bootconf.txt", *, strict: bool = False,
+                   declared: Sequence[str] = ()) -> BootconfCheck:
+    """Check every line and value the way the bootloader reads them (facts §3).
+
+    Accepts what Raspberry Pi's tools and bootloader accept: conditional sections
+    (`[gpio8=0]`, `[pi4]`, ...), `[none]` and `[config.txt]` sections with any keys,
+    trailing spaces after numeric values. Refuses what the bootloader would silently
+    ignore or what breaks booting (bad HTTP_HOST, BOOT_ORDER, timeouts, over 4076 bytes).
+    Unknown keys (and a key set twice in one section) are warnings, with a did-you-mean
+    against the documented bootloader keys and WALT_VPN_*; `strict` makes them errors.
+    `declared` names custom keys the caller adds on purpose (never warned about).
+    """
     settings: dict[str, str] = {}
+    warnings: list[BootconfWarning] = []
     seen: dict[tuple[str, str], int] = {}
     section = "all"
     bad = _NOT_PRINTABLE.search(text)
@@ -241,7 +336,7 @@ def validate_bootconf(text: str, where: str = "bootconf.txt") -> dict[str, str]:
                     "LF line endings, no tabs or control characters")
     for number, line in enumerate(text.split("\n"), start=1):
         at = f"{where}:{number}"
-        stripped = line.strip()
+        stripped = line.strip(" ")
         if not stripped or stripped.startswith("#"):
             continue
         if stripped.startswith("["):
@@ -249,30 +344,35 @@ def validate_bootconf(text: str, where: str = "bootconf.txt") -> dict[str, str]:
                 raise _fail(f"bad section header {stripped!r}", at, "e.g. [all]")
             section = stripped[1:-1]
             continue
-        key, sep, value = line.partition("=")
+        if section in INACTIVE_SECTIONS:
+            continue
+        key, sep, raw_value = line.partition("=")
         if not sep:
             raise _fail(f"line {line[:40]!r} is not KEY=VALUE", at)
-        if not _KEY.fullmatch(key):
-            raise _fail(f"key {key[:40]!r} is not made of A-Z, 0-9 and _", at)
         at = f"{at} {key}"
-        if value != value.strip():
-            raise _fail(f"{key} value has leading or trailing spaces", at)
+        _check_line(key, raw_value, at)
+        value = raw_value.rstrip(" ")
+        if key not in KNOWN_KEYS and not (key in declared and not key.startswith("WALT_VPN_")):
+            warnings.append(_unknown_key(key, at))
         if (section, key) in seen:
-            raise _fail(f"{key} is set twice in [{section}] (lines {seen[section, key]} and {number})", at)
+            warnings.append(BootconfWarning(
+                f"{key} is set twice in [{section}] (lines {seen[section, key]} and {number})", at,
+                "the bootloader keeps the last value; remove the other line"))
         seen[section, key] = number
-        check = CHECKS.get(key)
-        if check is not None:
-            check(value, at)
-        elif key.startswith("WALT_VPN_"):
-            close = difflib.get_close_matches(key, WALT_KEYS, n=1)
-            raise _fail(f"unknown key {key}", at,
-                        f"did you mean {close[0]}?" if close else f"known: {', '.join(WALT_KEYS)}")
         if section == "all":
             settings[key] = value
     size = len(text.encode("ascii"))
     if size > MAX_FILE_CONTENT:
         raise _size_error(text, size, where)
-    return settings
+    if strict and warnings:
+        first = warnings[0]
+        raise ConfigError(f"{first.what} (refused in strict mode)", first.where, first.hint)
+    return BootconfCheck(settings, tuple(warnings))
+
+
+def validate_bootconf(text: str, where: str = "bootconf.txt", *, strict: bool = False) -> dict[str, str]:
+    """`check_bootconf`'s settings (warnings dropped unless `strict`). Raises ConfigError."""
+    return check_bootconf(text, where, strict=strict).settings
 
 
 def parse_bootconf(text: str) -> dict[str, str]:
@@ -354,8 +454,14 @@ def _normalise(variant: str, values: Mapping[str, Any], custom: bool) -> dict[st
     return context
 
 
-def render_bootconf(variant: str, values: Mapping[str, Any], template_text: str | None = None) -> str:
-    """Render the variant's template with per-node values, then validate the result."""
+def render_bootconf(variant: str, values: Mapping[str, Any], template_text: str | None = None,
+                    *, strict: bool = True) -> str:
+    """Render the variant's template with per-node values, then validate the result.
+
+    Strict by default: a key the template (shipped or the recipe's own) sets that is no
+    documented bootloader key nor WALT_VPN_* is an error, not a warning. Custom keys the
+    caller passes in `extra` are declared, so they are accepted (WALT_VPN_* ones must exist).
+    """
     if variant not in VARIANTS:
         raise _fail(f"unknown bootconf variant {variant!r}", "variant", f"use one of {', '.join(VARIANTS)}")
     text = template_text if template_text is not None else _shipped(variant)
@@ -370,7 +476,8 @@ def render_bootconf(variant: str, values: Mapping[str, Any], template_text: str 
         raise _fail(f"bootconf template error: {exc}", where) from None
     except Exception as exc:  # noqa: BLE001 - a template's own expression failed (e.g. 1/0)
         raise _fail(f"bootconf template failed: {type(exc).__name__}: {exc}", where) from None
-    validate_bootconf(rendered, f"bootconf.txt ({variant})")
+    check_bootconf(rendered, f"bootconf.txt ({variant})", strict=strict,
+                   declared=[key for key, _ in context["extra"]])
     return rendered
 
 

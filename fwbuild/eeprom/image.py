@@ -1,4 +1,5 @@
-"""The 2712 `pieeprom.bin` section table (pi5-boot-facts §1). Pure: bytes in, bytes out.
+"""The `pieeprom.bin` section table of Raspberry Pi 4 (2711, 512 KiB) and Raspberry Pi 5
+(2712, 2 MiB) EEPROM images (pi5-boot-facts §1). Pure: bytes in, bytes out.
 
 An image is a chain of 8-byte aligned sections, each `magic(4) len(4)` big-endian, the
 next one at align8(offset + 8 + len). Named files (`bootconf.txt`, `pubkey.bin`, ...)
@@ -6,11 +7,13 @@ carry a 24-byte header and their content at +24. Two layouts exist: the AB layou
 (partition A at [0x10000, 0x107000) holds the editable files; detected by a `bootsys`
 file at 0x10000) and the older non-AB layout (one chain, `bootconf.txt` last).
 
-Updates follow the reference `rpi-eeprom-config` algorithm (facts §1.3), with two
-deliberate differences the facts document: the capacity check counts the real 24-byte
-header (the reference counts 20 and lets a 4-byte overflow corrupt the next section),
-and a gap of exactly 8 bytes gets a zero-length PAD header (the reference writes 8
-bytes of 0xFF there, which later parsing reads as the end of the table).
+Updates follow the reference `rpi-eeprom-config` algorithm (facts §1.3) byte for byte,
+including its edit window: files are looked up in [0x10000, 0x107000) on every image (the
+AB partition A; on non-AB images the same window, cut at the image end), and a slot
+ends at the next non-PAD section, at the window end or 4 KiB before the image end.
+One deliberate difference: the capacity check counts the real 24-byte header (the
+reference counts 20 and lets a 4-byte overflow corrupt the next section or the
+bootloader's last 4 KiB); such edits are refused instead of written.
 """
 
 from __future__ import annotations
@@ -21,7 +24,11 @@ from dataclasses import dataclass
 
 from ..errors import ConfigError, FormatError, UsageError
 
-IMAGE_SIZE = 2 * 1024 * 1024
+IMAGE_SIZE = 2 * 1024 * 1024  # 2712 (Raspberry Pi 5)
+IMAGE_SIZE_2711 = 512 * 1024  # 2711 (Raspberry Pi 4)
+IMAGE_SIZES = {IMAGE_SIZE_2711: "2711", IMAGE_SIZE: "2712"}  # size -> SoC
+SUPPORTED_BOARDS = ("Raspberry Pi 4 (2711, 512 KiB) and Raspberry Pi 5 (2712, 2 MiB) "
+                    "pieeprom.bin images")
 RESERVED_TAIL = 4096  # the last 4 KiB belong to the bootloader (scratch page)
 MAX_FILE_CONTENT = 4076  # one 4 KiB erase sector minus the reference's 20-byte header
 
@@ -143,9 +150,15 @@ class EepromImage:
     sections: tuple[Section, ...]
 
     @property
+    def soc(self) -> str:
+        """`2711` (Raspberry Pi 4) or `2712` (Raspberry Pi 5), from the image size."""
+        return IMAGE_SIZES[len(self.data)]
+
+    @property
     def edit_partition(self) -> tuple[int, int]:
-        """The [start, end) range whose files edits go to."""
-        return AB_PARTITION_A if self.layout == "ab" else (0, len(self.data))
+        """The [start, end) range whose files edits go to: partition A, on every layout
+        (the reference tool's window; on non-AB images it holds every modifiable file)."""
+        return AB_PARTITION_A[0], min(AB_PARTITION_A[1], len(self.data))
 
     def files(self) -> tuple[Section, ...]:
         return tuple(s for s in self.sections if s.magic == FILE_MAGIC)
@@ -157,8 +170,12 @@ class EepromImage:
             if section.magic == FILE_MAGIC and section.name == name and start <= section.offset < end:
                 return section
         where = "partition A" if self.layout == "ab" else "image"
+        present = [s.name for s in self.sections
+                   if s.magic == FILE_MAGIC and start <= s.offset < end and s.name != AB_MARKER_NAME]
+        board = "Raspberry Pi 4 (2711)" if self.soc == "2711" else "Raspberry Pi 5 (2712)"
         raise FormatError(f"no `{name}` file in the EEPROM {where}", name,
-                          "is this a Raspberry Pi 5 (2712) pieeprom.bin?")
+                          f"this {board} {self.layout} image has: {', '.join(present) or 'no named files'}"
+                          " (older images lack the signed-boot files)")
 
     def has_file(self, name: str) -> bool:
         try:
@@ -202,9 +219,9 @@ def _section_name(data: bytes, offset: int, magic: int) -> str:
 
 def parse_image(data: bytes) -> EepromImage:
     """Parse the section table; raise FormatError on any inconsistency."""
-    if len(data) != IMAGE_SIZE:
-        raise FormatError(f"EEPROM image is {len(data)} bytes, a 2712 image is {IMAGE_SIZE}",
-                          hint="only Raspberry Pi 5 (2 MiB) pieeprom.bin images are supported")
+    if len(data) not in IMAGE_SIZES:
+        raise FormatError(f"EEPROM image is {len(data)} bytes, not {IMAGE_SIZE_2711} (2711) "
+                          f"or {IMAGE_SIZE} (2712)", hint=f"supported: {SUPPORTED_BOARDS}")
     sections: list[Section] = []
     offset = 0
     while offset + SECTION_HDR_SIZE <= len(data):

@@ -1,9 +1,12 @@
-"""A synthetic, structurally faithful 2712 `pieeprom.bin` (pi5-boot-facts §1.2).
+"""A synthetic, structurally faithful `pieeprom.bin` (pi5-boot-facts §1.2, §3).
 
-Same section table as the measured release images (AB or non-AB layout), with marker
-blobs instead of firmware. Its bootcode says `FWBUILD-VIRTUAL-2712`, so nothing mistakes
-it for a bootloader a real Pi 5 could run. Used by tests and the virtual recipe.
-Deterministic: the same call gives the same bytes.
+2712 (Raspberry Pi 5, 2 MiB): the section table of the measured release images (AB or
+non-AB layout). 2711 (Raspberry Pi 4, 512 KiB): the non-AB layout of the Pi 4 images
+(bootcode padded to 128 KiB, opaque blobs, then the four modifiable files on 4 KiB
+boundaries, bootconf.txt last). Marker blobs replace the firmware; the bootcode says
+`FWBUILD-VIRTUAL-2712` (or `-2711`), so nothing mistakes it for a bootloader a real Pi
+could run. Used by tests and the virtual recipe. Deterministic: the same call gives the
+same bytes.
 """
 
 from __future__ import annotations
@@ -19,8 +22,10 @@ from .image import (
     FILE_LEN_OVERHEAD,
     FILE_MAGIC,
     IMAGE_SIZE,
+    IMAGE_SIZE_2711,
     LZ4_MAGIC,
     MAGIC,
+    OLD_BLOB_MAGIC,
     PAD_MAGIC,
     SECTION_FMT,
     SECTION_HDR_SIZE,
@@ -31,6 +36,8 @@ from .image import (
 )
 
 VIRTUAL_MARKER = b"FWBUILD-VIRTUAL-2712"
+VIRTUAL_PREFIX = b"FWBUILD-VIRTUAL-27"  # 2711 images say FWBUILD-VIRTUAL-2711
+DEFAULT_BOOTCONF_2711 = b"[all]\nBOOT_UART=0\nWAKE_ON_GPIO=1\nPOWER_OFF_ON_HALT=0\n"
 DEFAULT_BOOTCONF = b"[all]\nBOOT_UART=1\nBOOT_ORDER=0xf461\nNET_INSTALL_AT_POWER_ON=1\n"
 assert len(DEFAULT_BOOTCONF) == 62
 
@@ -50,24 +57,30 @@ PLACEHOLDERS = (("pubkey.bin", bytes(512)), ("cacert.der", bytes(2048)),
 BLOBS = (("bootmain", 98301), ("memsys00.bin", 32765), ("memsys01.bin", 32763),
          ("mcb.bin", 16381), ("rp1c0fw.bin", 65533), ("logo.bin", 8189), ("font.bin", 4093))
 BOOTSYS_LEN = 12288
+# 2711 blobs (0x55aaf33f, opaque): name, content length.
+BLOBS_2711 = (("memsys00.bin", 14023), ("memsys01.bin", 12213), ("mcb.bin", 3131),
+              ("vl805hub.bin", 7028), ("vl805mcu.bin", 60403), ("logo.bin", 7645), ("font.bin", 8007))
+BOOTCODE_LEN_2711 = 122436  # the bootcode length of a signed-boot capable 2711 image
 
 
-def _marker(label: str, length: int, prefix: bytes = b"") -> bytes:
-    text = prefix + f"{VIRTUAL_MARKER.decode()} {label}\n".encode("ascii")
+def _marker(label: str, length: int, prefix: bytes = b"", marker: bytes = VIRTUAL_MARKER) -> bytes:
+    text = prefix + f"{marker.decode()} {label}\n".encode("ascii")
     return text + bytes(length - len(text))
 
 
-def _bootcode() -> bytes:
-    banner = (b"BUILD_TIMESTAMP=0\nVERSION:" + VIRTUAL_MARKER
-              + b"\nThis is a synthetic fwbuild image for virtual Pi 5 nodes, not a bootloader.\n")
-    return banner + bytes(BOOTCODE_LEN - len(banner))
+def _bootcode(soc: str = "2712") -> bytes:
+    marker = VIRTUAL_PREFIX + soc[-2:].encode()
+    board = "Pi 5" if soc == "2712" else "Pi 4"
+    banner = (b"BUILD_TIMESTAMP=0\nVERSION:" + marker
+              + f"\nThis is a synthetic fwbuild image for virtual {board} nodes, not a bootloader.\n".encode())
+    return banner + bytes((BOOTCODE_LEN if soc == "2712" else BOOTCODE_LEN_2711) - len(banner))
 
 
 class _Writer:
     """Lays sections out in a 0xFF-filled (erased) buffer."""
 
-    def __init__(self) -> None:
-        self.buf = bytearray(b"\xff" * IMAGE_SIZE)
+    def __init__(self, size: int = IMAGE_SIZE) -> None:
+        self.buf = bytearray(b"\xff" * size)
         self.pos = 0
 
     def raw(self, magic: int, content: bytes) -> None:
@@ -132,8 +145,33 @@ def _non_ab_image() -> bytes:
     return bytes(w.buf)  # bootconf.txt is last; the last 8 bytes (timestamp) stay erased
 
 
-def synthetic_image(layout: str = "ab") -> bytes:
-    """A 2 MiB synthetic 2712 image in the given layout ("ab" or "non-ab")."""
+def _image_2711() -> bytes:
+    w = _Writer(IMAGE_SIZE_2711)
+    w.raw(MAGIC, _bootcode("2711"))
+    w.pad_to(NON_AB_BLOBS_START)
+    marker = VIRTUAL_PREFIX + b"11"
+    for name, length in BLOBS_2711:
+        w.named(OLD_BLOB_MAGIC, name, _marker(name, length, marker=marker))
+    placeholders = (("pubkey.bin", bytes(264)), ("cacert.der", bytes(2048)), ("bootconf.sig", bytes(1024)))
+    for name, content in (*placeholders, ("bootconf.txt", DEFAULT_BOOTCONF_2711)):
+        w.pad_to((w.pos + SECTOR - 1) // SECTOR * SECTOR)
+        w.named(FILE_MAGIC, name, content)
+    return bytes(w.buf)
+
+
+SOCS = ("2712", "2711")
+
+
+def synthetic_image(layout: str = "ab", soc: str = "2712") -> bytes:
+    """A synthetic image: 2712 (2 MiB) in the given layout ("ab" or "non-ab"), or 2711
+    (512 KiB, Raspberry Pi 4), which only exists in the non-AB layout."""
+    if soc == "2711":
+        if layout != "non-ab":
+            raise UsageError(f"2711 (Raspberry Pi 4) images have no {layout!r} layout", "layout",
+                             "use `non-ab` with 2711")
+        return _image_2711()
+    if soc != "2712":
+        raise UsageError(f"unknown SoC {soc!r}", "soc", "use 2711 (Raspberry Pi 4) or 2712 (Raspberry Pi 5)")
     if layout == "ab":
         return _ab_image()
     if layout == "non-ab":
@@ -148,4 +186,4 @@ def is_virtual(data: bytes) -> bool:
     magic, length = struct.unpack_from(SECTION_FMT, data, 0)
     if magic != MAGIC:
         return False
-    return VIRTUAL_MARKER in data[SECTION_HDR_SIZE:SECTION_HDR_SIZE + min(length, 4096)]
+    return VIRTUAL_PREFIX in data[SECTION_HDR_SIZE:SECTION_HDR_SIZE + min(length, 4096)]

@@ -28,7 +28,7 @@ from urllib.parse import unquote
 
 from ..errors import SourceError, ToolError
 from ..fsutil import atomic_write
-from ..progress import Progress, report
+from ..progress import Progress, report, report_bytes
 from ..recipe import AptRepository
 from ..sources import Cache, fetch_url
 from .deb import parse_control
@@ -274,12 +274,12 @@ class AptSession:
                 base = done
 
                 def step(label: str, got: int, _total: int | None, base: int = base) -> None:
-                    report(progress, "download packages", base + got, total)
+                    report_bytes(progress, "download packages", base + got, total)
 
                 hit = fetch_url(self.cache, pin.url, pin.sha256, size=pin.size, progress=step,
                                 label=pin.filename)
                 done += pin.size
-                report(progress, "download packages", done, total)
+                report_bytes(progress, "download packages", done, total)
             paths[pin.name] = hit
         return paths
 

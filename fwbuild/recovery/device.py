@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Protocol
 
 from ..errors import BuildError, UsageError
-from ..progress import Progress, report
+from ..progress import Progress, report_bytes
 from .diskimage import read_disk_image
 
 CHUNK = 1 << 20
@@ -232,11 +232,12 @@ def _file_hashes(image: bytes, where: str) -> dict[str, str]:
 def _write(fd: int, image: bytes, sparse: bool, progress: Progress | None) -> None:
     view = memoryview(image)
     zero = bytes(CHUNK)
+    report_bytes(progress, "write", 0, len(image))
     for offset in range(0, len(image), CHUNK):
         chunk = view[offset:offset + CHUNK]
         if not (sparse and chunk == zero[:len(chunk)]):  # a sparse file skips zero blocks
             os.pwrite(fd, chunk, offset)
-        report(progress, "write", offset + len(chunk), len(image))
+        report_bytes(progress, "write", offset + len(chunk), len(image))
     if sparse:
         os.ftruncate(fd, len(image))
     os.fsync(fd)
@@ -244,6 +245,7 @@ def _write(fd: int, image: bytes, sparse: bool, progress: Progress | None) -> No
 
 def _read_back(path: Path, size: int, progress: Progress | None) -> bytes:
     out = bytearray()
+    report_bytes(progress, "verify", 0, size)
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         if hasattr(os, "posix_fadvise"):
@@ -253,7 +255,7 @@ def _read_back(path: Path, size: int, progress: Progress | None) -> bytes:
             if not block:
                 break
             out += block
-            report(progress, "verify", len(out), size)
+            report_bytes(progress, "verify", len(out), size)
     finally:
         os.close(fd)
     return bytes(out)
@@ -289,9 +291,12 @@ def write_kit(
     info = describe_target(target, probe, allow_non_removable=allow_non_removable)
     expected = _file_hashes(image, "recovery disk image")
     if info.block_device is None:
-        target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.fwbuild-tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        except OSError as exc:  # name the target, not the temp file
+            raise type(exc)(exc.errno, exc.strerror, str(target)) from None
         try:
             try:
                 _write(fd, image, True, progress)

@@ -1,15 +1,21 @@
 """A real OpenSSH server for tests and demos of the VPN boot client.
 
 `TestSshd` starts `/usr/sbin/sshd` with its own configuration, host key, port,
-`TrustedUserCAKeys` (the site's SSH CA) and `RevokedKeys` file. It runs in a
+`RevokedKeys` file and the `walt-vpn` user's authorized_keys line that
+`fwbuild entrypoint ssh` generates (fwbuild.sshgate, one place): node certificates of
+the site's SSH CA get their tunnel and the SSH gate (server.gate) as forced command, with
+`ExposeAuthInfo yes`. Or, with `forward_to`, the line of a separate entrypoint host that
+only relays to the server's sshd (ProxyJump). It runs in a
 private mount namespace where `/etc/passwd`, `/etc/group` and `/etc/shadow` are
 bind-mounted copies that add the VPN user, so nothing on the host changes.
 Optionally it runs inside a network namespace the caller created (latency
 benchmarks, server-side tap devices): a forwarder then relays connections from
 a port on the host's 127.0.0.1 into the namespace's loopback.
 
-The SFTP subsystem is `sftp-server -R` (read-only) behind a relay that writes one
-line per SFTP packet to `sftp.log`, so tests can count requests and bytes.
+SFTP is the gate's own read-only server confined to `gate_root`; it writes one line
+per SFTP packet to `sftp.log`, so tests can count requests and bytes. sshd's other
+settings stay at stock values (TCP forwarding allowed): the authorized_keys line is
+what closes the other doors.
 
 Needs root (sshd, mount namespaces); `ToolError` otherwise.
 """
@@ -34,12 +40,17 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from ..errors import ToolError
 from ..fsutil import atomic_write
+from ..sshgate import forwarder_line, gate_command, gate_line
+
+# The directory holding the `server` package (the gate runs as `python3 -m server.gate`).
+SOURCE_ROOT = Path(__file__).resolve().parents[2]
+NO_ADMIN = "http://127.0.0.1:9"  # discard port: eeprom-* answer "server unreachable"
 
 SSHD = "/usr/sbin/sshd"
 SFTP_SERVER_CANDIDATES = ("/usr/lib/openssh/sftp-server", "/usr/libexec/openssh/sftp-server",
                           "/usr/libexec/sftp-server")
 
-# SFTP packet types (draft-ietf-secsh-filexfer-02), for readable statistics.
+# SFTP packet types (draft-ietf-secsh-filexfer-02), for readable statistics (server/sftp.py logs).
 SFTP_TYPES = {
     1: "INIT", 2: "VERSION", 3: "OPEN", 4: "CLOSE", 5: "READ", 6: "WRITE", 7: "LSTAT",
     8: "FSTAT", 9: "SETSTAT", 10: "FSETSTAT", 11: "OPENDIR", 12: "READDIR", 13: "REMOVE",
@@ -47,48 +58,6 @@ SFTP_TYPES = {
     20: "SYMLINK", 101: "STATUS", 102: "HANDLE", 103: "DATA", 104: "NAME", 105: "ATTRS",
     200: "EXTENDED", 201: "EXTENDED_REPLY",
 }
-
-# The relay between sshd and sftp-server. Runs as its own program (sshd execs it).
-# Log lines: "C <type> <packet length> [path]" client->server, "S <type> <length>" back;
-# the path (spaces as \x20) for requests that name one.
-_SFTP_RELAY = r'''
-import os, select, subprocess, sys
-log_path, server = sys.argv[1], sys.argv[2:]
-log = open(log_path, "a", buffering=1)
-child = subprocess.Popen(server, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
-pending = {"C": b"", "S": b""}
-PATH_TYPES = {3, 7, 11, 16, 17, 19}  # OPEN LSTAT OPENDIR REALPATH STAT READLINK: log the path
-def account(tag, data):
-    buf = pending[tag] + data
-    while len(buf) >= 5:
-        length = int.from_bytes(buf[:4], "big")
-        if len(buf) < 4 + length:
-            break
-        kind = buf[4]
-        path = ""
-        if tag == "C" and kind in PATH_TYPES and length >= 9:
-            size = int.from_bytes(buf[9:13], "big")
-            path = " " + buf[13:13 + size].decode("utf-8", "backslashreplace").replace("\n", "\\n").replace(" ", "\\x20")
-        log.write(f"{tag} {kind} {length + 4}{path}\n")
-        buf = buf[4 + length:]
-    pending[tag] = buf
-src = {0: ("C", child.stdin.fileno()), child.stdout.fileno(): ("S", 1)}
-while src:
-    ready, _, _ = select.select(list(src), [], [])
-    for fd in ready:
-        tag, dst = src[fd]
-        data = os.read(fd, 262144)
-        if not data:
-            del src[fd]
-            if tag == "C":
-                child.stdin.close()
-            continue
-        account(tag, data)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(dst, view):]
-child.wait()
-'''
 
 # Relays connections accepted on an inherited listening socket (bound on the host's
 # loopback) to 127.0.0.1:<port> inside the network namespace this program runs in.
@@ -238,8 +207,12 @@ class TestSshd:
 
     def __init__(self, workdir: Path, *, ca_public_key: str, user: str = "walt-vpn",
                  permit_tunnel: bool = False, netns: bool = False, added_rtt_ms: int = 0,
-                 allow_forwarding: bool = False, port: int | None = None) -> None:
-        """`netns`: run sshd in a network namespace of its own (created and deleted
+                 port: int | None = None, gate_root: str = "/", gate_admin: str = NO_ADMIN,
+                 forward_to: str | None = None) -> None:
+        """`gate_root`: the node_root template the gate confines SFTP to ({mac12});
+        `gate_admin`: the server's admin API (eeprom-digest, eeprom-image);
+        `forward_to` ("host:port"): be a separate entrypoint host relaying to that sshd.
+        `netns`: run sshd in a network namespace of its own (created and deleted
         here), reached through a forwarder on the host's 127.0.0.1:`port`; needed for
         `added_rtt_ms` (netem on the namespace's loopback, or the forwarder's delay
         line when the kernel has no netem) and keeps server-side tap devices off the host.
@@ -251,15 +224,19 @@ class TestSshd:
         self.user = user
         self.ca_public_key = ca_public_key.strip()
         self.permit_tunnel = permit_tunnel
-        self.allow_forwarding = allow_forwarding  # a ProxyJump host needs it (ssh -W)
+        self.gate_root = gate_root
+        self.gate_admin = gate_admin
+        self.forward_to = forward_to
         self.netns = f"fwbuild-sshd-{os.getpid()}-{free_port()}" if netns else None
         self.added_rtt_ms = added_rtt_ms
         self.latency_method = "none"
+        self._auto_port = port is None and not netns  # another port if this one is taken
         self.port = port or free_port()  # on the host's 127.0.0.1
         self.inner_port = 22 if netns else self.port
         self.sftp_log = workdir / "sftp.log"
         self.sshd_log = workdir / "sshd.log"
         self.revoked = workdir / "revoked_keys"
+        self.authorized_keys = workdir / "authorized_keys"
         self._procs: list[subprocess.Popen[bytes]] = []
         host_key = ed25519.Ed25519PrivateKey.generate()
         self._host_key_pem = host_key.private_bytes(
@@ -285,10 +262,9 @@ class TestSshd:
         atomic_write(w / "ca.pub", (self.ca_public_key + "\n").encode())
         if not self.revoked.exists():
             atomic_write(self.revoked, b"")
-        relay = w / "sftp-relay.py"
-        atomic_write(relay, _SFTP_RELAY.encode(), 0o755)
+        self.write_authorized_keys()
         # uid 0: the server side of a tap tunnel needs CAP_NET_ADMIN, and pytest's
-        # temporary directories (0700) must stay readable; sftp-server runs with -R.
+        # temporary directories (0700) must stay readable; the gate's SFTP is read-only.
         uid = 0
         atomic_write(w / "passwd", _passwd_with(
             "/etc/passwd", f"{self.user}:x:{uid}:{uid}:fwbuild vpn:{home}:/bin/sh").encode())
@@ -299,9 +275,10 @@ class TestSshd:
             "ListenAddress 127.0.0.1",
             f"HostKey {w / 'ssh_host_ed25519_key'}",
             f"PidFile {w / 'sshd.pid'}",
-            f"TrustedUserCAKeys {w / 'ca.pub'}",
             f"RevokedKeys {self.revoked}",
-            "AuthorizedKeysFile none",
+            f"AuthorizedKeysFile {self.authorized_keys}",
+            "StrictModes no",  # the file lives in a test directory, not ~/.ssh
+            "ExposeAuthInfo yes",
             "PubkeyAuthentication yes",
             "PasswordAuthentication no",
             "KbdInteractiveAuthentication no",
@@ -309,15 +286,35 @@ class TestSshd:
             "PermitRootLogin prohibit-password",
             f"AllowUsers {self.user}",
             f"PermitTunnel {'ethernet' if self.permit_tunnel else 'no'}",
-            f"AllowTcpForwarding {'yes' if self.allow_forwarding else 'no'}",
+            "AllowTcpForwarding yes",  # stock default: authorized_keys decides
             "X11Forwarding no",
             "MaxStartups 100",
             "LogLevel VERBOSE",
-            f"Subsystem sftp {sys.executable} {relay} {self.sftp_log} {_find_sftp_server()} -R",
+            # Stock subsystem line: with a forced command sshd only passes it to the gate
+            # as SSH_ORIGINAL_COMMAND.
+            f"Subsystem sftp {_find_sftp_server()}",
             "",
         ])
         atomic_write(w / "sshd_config", config.encode())
         return w / "sshd_config"
+
+    def write_authorized_keys(self) -> None:
+        """(Re)write the walt-vpn line from the gate settings; sshd rereads it per login."""
+        if self.forward_to:
+            host, _, port = self.forward_to.rpartition(":")
+            line = forwarder_line(self.ca_public_key, host.strip("[]"), int(port))
+        else:
+            line = gate_line(self.ca_public_key, gate_command(
+                sys.executable, self.gate_admin, self.gate_root, pythonpath=str(SOURCE_ROOT),
+                sftp_log=str(self.sftp_log)))
+        atomic_write(self.authorized_keys, line.encode())
+
+    def set_gate(self, *, root: str | None = None, admin: str | None = None) -> None:
+        """Change what the gate confines to / asks (e.g. once the server's port is known)."""
+        self.gate_root = root if root is not None else self.gate_root
+        self.gate_admin = admin if admin is not None else self.gate_admin
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.write_authorized_keys()
 
     # -- lifecycle -----------------------------------------------------------------------
     def _sshd_argv(self, config: Path) -> list[str]:
@@ -336,11 +333,21 @@ class TestSshd:
     def start(self) -> Self:
         if os.geteuid() != 0:
             raise ToolError("the test sshd needs root", hint="run the VPN boot tests as root")
-        try:
-            self._start()
-        except BaseException:
-            self.stop()
-            raise
+        for attempt in range(5):
+            try:
+                self._start()
+                return self
+            except ToolError:
+                self.stop()
+                taken = "Address already in use" in self.log_text()
+                if not (taken and self._auto_port and attempt < 4):
+                    raise
+                # free_port() raced with another process: pick another one.
+                self.port = self.inner_port = free_port()
+                self.sshd_log.write_bytes(b"")
+            except BaseException:
+                self.stop()
+                raise
         return self
 
     def _start(self) -> None:
