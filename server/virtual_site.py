@@ -196,6 +196,12 @@ class VirtualSite:
             self.server = None
         self._start_server()
 
+    def stop_admin_api(self) -> None:
+        """The server's admin API goes away (the SSH gate then finds the server unreachable)
+        while its HTTP boot files stay served."""
+        if self.server is not None:
+            self.server.admin.drain()
+
     def stop_server(self) -> None:
         """The server goes away (nodes then find it unreachable); `restart_server` brings it back."""
         if self.server is not None:

@@ -67,6 +67,8 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
                                timestamp=100),
         "new": assemble_eeprom(base, "[all]\nBOOT_ORDER=0xf7\nHTTP_HOST=10.0.2.100\n"
                                "WALT_VPN_MAC=52:54:00:00:00:01\n", boot_key=key, timestamp=200),
+        "newer": assemble_eeprom(base, "[all]\nBOOT_ORDER=0xf7\nHTTP_HOST=10.0.2.101\n"
+                                 "WALT_VPN_MAC=52:54:00:00:00:01\n", boot_key=key, timestamp=300),
         "other-key": assemble_eeprom(base, "[all]\nBOOT_ORDER=0xf7\n", boot_key=other_key, timestamp=200),
         "non-ab": assemble_eeprom(synthetic_image("non-ab"), "[all]\nBOOT_ORDER=0xf7\n", boot_key=key,
                                   timestamp=200),
@@ -255,3 +257,23 @@ def test_pi5_backend_flashrom_refuses_unknown_chips(tool: Path, images: dict[str
                                          "W25Q16.W W25Q16JV_M W25Q16JW W25Q16JW_DTR): refusing to flash")
         assert calls == [f"{programmer} --flash-name"]
         assert flash.read_bytes() == images["old"].read_bytes()
+
+
+@pytest.mark.parametrize("steps", range(3, 10))
+def test_reflash_from_a_broken_partition_a_keeps_b_until_a_is_whole(
+        tool: Path, images: dict[str, Path], tmp_path: Path, steps: int) -> None:
+    """A power cut left A erased (B holds `new`); the next update (`new` -> `newer`)
+    rewrites A before it touches B: every step boundary still boots."""
+    flash = tmp_path / "flash.bin"
+    shutil.copy(images["old"], flash)
+    assert run(tool, "flash", str(images["new"]), str(images["old"]), flash=flash, steps=3).returncode == 3
+    broken = tmp_path / "broken.bin"
+    shutil.copy(flash, broken)
+    result = run(tool, "flash", str(images["newer"]), str(broken), flash=flash, steps=steps)
+    assert result.returncode == (0 if steps == 9 else 3), result.stdout + result.stderr
+    assert "partition A is broken, B holds the running copy: rewriting A first" in result.stderr
+    assert "step 1/9" not in result.stderr and "step 2/9" not in result.stderr
+    conf = parse_image(running_image(flash.read_bytes())).read_file("bootconf.txt").decode()
+    assert "HTTP_HOST=" + ("10.0.2.100" if steps < 5 else "10.0.2.101") in conf
+    if steps == 9:
+        assert flash.read_bytes() == images["newer"].read_bytes()

@@ -159,7 +159,7 @@ def test_server_unreachable_at_boot_costs_one_line_and_the_node_still_boots(
     node = _recovered(site, "dc:a6:32:00:01:04", built)
     assert power_until_root(site, node, Life()).ok
     flash = node.flash.read_bytes()
-    site.stop_server()  # the sshd (and its gate) stay; the server behind the gate is gone
+    site.stop_admin_api()  # boot files still served; the gate's server side is gone
     result = site.power_on(node, extra_cmdline=FAST_FAIL)
     assert result.ok, result.reason
     failed = [line for line in _lines(result.console) if "the SSH gate's eeprom-digest failed" in line]
@@ -172,7 +172,8 @@ def test_power_cut_mid_flash_next_power_on_still_boots(site_factory: Callable[..
     """Killed while partition A is rewritten: the next power-on runs partition B's copy."""
     site = site_factory()
     node = _recovered(site, "dc:a6:32:00:01:05", built)
-    cut = site.power_on(node, power_cut=r"walt-vpn: flash: step 4/9")
+    cut = site.power_on(node, power_cut=r"walt-vpn: flash: paused after step 4",
+                        extra_cmdline="walt_vpn.flash_pause=4")
     assert cut.power_cut, cut.reason
     log: list[str] = []
     site.log = log.append
