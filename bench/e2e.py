@@ -57,9 +57,9 @@ def main() -> None:
     def log(line: str) -> None:
         now = time.perf_counter()
         if line.startswith("BOOT_ORDER"):
-            stamps["bootloader"] = now
+            stamps.setdefault("bootloader", now)  # the first boot only (later power-ons follow)
         elif line.startswith("Starting Linux"):
-            stamps["linux"] = now
+            stamps.setdefault("linux", now)
 
     with VirtualSite(SiteOptions(first.out_dir, keys, work / "site", cache=cache), log=log) as site:
         eeprom = site.enroll("dc:a6:32:00:be:ec")
