@@ -146,7 +146,10 @@ class AdminRoutes:
 
     def pieeprom_bin(self, request: Request) -> Response:
         """The node's rendered EEPROM image (for the SSH gate)."""
-        image = self.service.node_image(self.service.booting_node(request.params["mac"]))
+        node = self.service.booting_node(request.params["mac"])
+        image = self.service.node_image(node)
+        if request.method == "GET":  # the gate fetches it for its certificate's own node
+            self.service.record(node, "pieeprom.bin", "200", "ssh-gate", fetched=image.sha256)
         return Response(body=image.image, content_type="application/octet-stream",
                         headers={"Cache-Control": "no-store"})
 

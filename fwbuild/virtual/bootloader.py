@@ -11,15 +11,25 @@ EEPROM's `pubkey.bin`, falling through to the next mode on any failure.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+import struct
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import requests
+from requests.adapters import HTTPAdapter
 
 from ..bootimg.fat import read_all
 from ..eeprom.bootconf import parse_bootconf
-from ..eeprom.image import parse_image
+from ..eeprom.image import (
+    AB_MARKER_NAME,
+    AB_PARTITION_A,
+    AB_PARTITION_B,
+    PAD_MAGIC,
+    SECTION_FMT,
+    parse_image,
+)
 from ..eeprom.pubkey import decode_pubkey_bin
 from ..errors import FormatError, FwbuildError, SignatureError
 from ..sign import parse_sig, verify_sig
@@ -27,6 +37,18 @@ from ..sign import parse_sig, verify_sig
 MAX_BOOT_IMG = 96 * 1000 * 1000
 HTTP_TIMEOUT = (5, 30)
 Log = Callable[[str], None]
+
+
+class _SourceAdapter(HTTPAdapter):
+    """HTTP from a given source address (the virtual node's own address on walt-net)."""
+
+    def __init__(self, source: str) -> None:
+        self._source = source
+        super().__init__()
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["source_address"] = (self._source, 0)
+        super().init_poolmanager(*args, **kwargs)
 
 
 class BootFailure(FwbuildError):
@@ -48,6 +70,39 @@ class RecoveryFlash:
     """recovery.bin on the SD card flashed a new EEPROM (the board then stops)."""
 
     new_eeprom: bytes
+
+
+def _usable(image: bytes) -> bool:
+    try:
+        parsed = parse_image(image)
+        parsed.read_file("bootconf.txt")
+    except FormatError:
+        return False
+    return True
+
+
+def running_image(flash: bytes, log: Log = lambda line: None) -> bytes:
+    """The EEPROM image the bootloader runs from the SPI flash's content.
+
+    Partition A when it parses; otherwise, on the AB layout, the complete copy the node's
+    staged write leaves in partition B (its write-then-switch, see the init's vpn-eeprom).
+    Whether the real Pi 5 bootloader falls back to partition B is UNCONFIRMED
+    (pi5-boot-facts 1.2 measures the layout only); the virtual Pi 5 does. Raises
+    FormatError when neither is usable (the board would not boot).
+    """
+    if _usable(flash):
+        return flash
+    a0, a1 = AB_PARTITION_A
+    b0, b1 = AB_PARTITION_B
+    if len(flash) >= b1 and a1 - a0 == b1 - b0:
+        pad = struct.pack(SECTION_FMT, PAD_MAGIC, b1 - b0 - 8) + b"\xff" * (b1 - b0 - 8)
+        copy = flash[:a0] + flash[b0:b1] + pad + flash[b1:]
+        name = flash[b0 + 8:b0 + 20].rstrip(b"\0")
+        if name == AB_MARKER_NAME.encode() and _usable(copy):
+            log("EEPROM: partition A is not valid (an interrupted update): running the copy in partition B")
+            return copy
+    parse_image(flash).read_file("bootconf.txt")  # raises the FormatError that says why
+    raise FormatError("the EEPROM flash holds no usable image", "SPI flash")
 
 
 def boot_order(value: str) -> list[int]:
@@ -90,7 +145,9 @@ def _selection(mode: str, files: dict[str, bytes], bootconf: str, where: str) ->
 
 class Bootloader:
     def __init__(self, eeprom: bytes, *, sd: Path | None = None, log: Log = lambda line: None,
-                 max_restarts: int = 2, session: requests.Session | None = None) -> None:
+                 max_restarts: int = 2, session: requests.Session | None = None,
+                 walt_net: Mapping[tuple[str, int], tuple[str, int]] | None = None,
+                 source_address: str | None = None) -> None:
         self.image = parse_image(eeprom)
         self.bootconf = self.image.read_file("bootconf.txt").decode("ascii", "replace")
         self.config = parse_bootconf(self.bootconf)
@@ -98,6 +155,12 @@ class Bootloader:
         self.log = log
         self.max_restarts = max_restarts
         self.session = session or requests.Session()
+        # The virtual walt-net: where a (host, port) the EEPROM names really listens, and
+        # the node's own address (the server binds node identity to it).
+        self.walt_net = dict(walt_net or {})
+        if source_address is not None:
+            adapter = _SourceAdapter(source_address)
+            self.session.mount("http://", adapter)
 
     def run(self) -> BootSelection | RecoveryFlash:
         flashed = self._rom_recovery()
@@ -145,6 +208,9 @@ class Bootloader:
             return None
         base = f"http://{host}:{port}/{path}"
         self.log(f"Boot mode: HTTP (7): {base}/boot.sig")
+        if port.isdigit() and (host, int(port)) in self.walt_net:
+            real_host, real_port = self.walt_net[(host, int(port))]
+            base = f"http://{real_host}:{real_port}/{path}"
         try:
             pubkey = decode_pubkey_bin(self.image.read_file("pubkey.bin"))
         except FormatError as exc:

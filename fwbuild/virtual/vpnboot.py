@@ -39,7 +39,7 @@ VPN_PACKAGES = ("busybox-static", "openssh-client", "sshfs")
 VPN_PATHS = ("/bin/busybox", "/usr/bin/ssh", "/usr/bin/sshfs")
 # Kernel modules for the virtual Pi 5 (Debian's cloud arm64 kernel; ext4 and
 # af_packet are built in there). A Pi 5 recipe lists its own (nvmem, macb, ...).
-VIRTUAL_MODULES = ("qemu_fw_cfg", "virtio_pci", "virtio_net", "fuse", "overlay", "tun", "loop")
+VIRTUAL_MODULES = ("qemu_fw_cfg", "virtio_pci", "virtio_net", "virtio_blk", "fuse", "overlay", "tun", "loop")
 FW_CFG_NAME = "opt/fwbuild/bootconf"
 _KEY_RE = re.compile(r"^[A-Z][A-Z0-9_]*$")
 
