@@ -16,21 +16,17 @@ import threading
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import VirtualSet
 
 from fwbuild.bootimg.fat import read_all
-from fwbuild.build import build
 from fwbuild.cli import main
 from fwbuild.eeprom.bootconf import parse_bootconf
 from fwbuild.eeprom.image import parse_image
 from fwbuild.initramfs.builder import InitramfsSpec, build_initramfs
-from fwbuild.keys import init_keys
-from fwbuild.recipe import load_recipe
-from fwbuild.sources import Cache
 from fwbuild.virtual.rootfs import MARKER
 from server.virtual_site import SiteHttpError, SiteOptions, VirtualSite
 
@@ -43,30 +39,12 @@ ROOT = Path(__file__).resolve().parent.parent
 LOCAL_OS_MARKER = "FWBUILD-INITRAMFS-SHELL"
 FAST_FAIL = "walt_vpn.retries=2 walt_vpn.backoff=1"
 
-
-@dataclass(frozen=True)
-class Built:
-    out: Path
-    keys: Path
-    cache: Cache
-
-
 @pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
-    cache = Cache(tmp_path_factory.getbasetemp() / "fwbuild-cache")
-    work = tmp_path_factory.mktemp("e2e-build")
-    keys = init_keys(work / "keys").directory
-    result = build(load_recipe(ROOT / "recipes" / "virtual.toml"), out_root=work / "out",
-                   keys_dir=keys, cache=cache)
-    return Built(result.out_dir, keys, cache)
-
-
-@pytest.fixture(scope="module")
-def local_os(built: Built, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def local_os(virtual_set: VirtualSet, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A virtual SD card with a local OS: the same kernel, an initramfs that prints a marker."""
     card = tmp_path_factory.mktemp("sd-local-os")
-    boot = read_all((built.out / "bootimg" / "boot.img").read_bytes())
-    initramfs = build_initramfs(InitramfsSpec(epoch=1767225600), built.cache).data
+    boot = read_all((virtual_set.out / "bootimg" / "boot.img").read_bytes())
+    initramfs = build_initramfs(InitramfsSpec(epoch=1767225600), virtual_set.cache).data
     (card / "kernel_2712.img").write_bytes(boot["kernel_2712.img"])
     (card / "initramfs_2712").write_bytes(initramfs)
     (card / "config.txt").write_text("initramfs initramfs_2712 followkernel\n")
@@ -75,12 +53,12 @@ def local_os(built: Built, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def site_factory(built: Built, tmp_path: Path) -> Iterator[Callable[..., VirtualSite]]:
+def site_factory(virtual_set: VirtualSet, tmp_path: Path) -> Iterator[Callable[..., VirtualSite]]:
     sites: list[VirtualSite] = []
 
     def start(artifacts: Path | None = None, mode: str = "enforced") -> VirtualSite:
-        site = VirtualSite(SiteOptions(artifacts or built.out, built.keys, tmp_path / f"site{len(sites)}",
-                                       default_mode=mode, cache=built.cache))
+        site = VirtualSite(SiteOptions(artifacts or virtual_set.out, virtual_set.keys, tmp_path / f"site{len(sites)}",
+                                       default_mode=mode, cache=virtual_set.cache))
         sites.append(site)
         site.start()
         return site
@@ -157,10 +135,10 @@ def tampering_entrypoint() -> Iterator[tuple[int, type[_TamperingEntrypoint]]]:
     httpd.shutdown()
 
 
-def test_tampered_boot_img(built: Built, tmp_path: Path, local_os: Path,
+def test_tampered_boot_img(virtual_set: VirtualSet, tmp_path: Path, local_os: Path,
                            tampering_entrypoint: tuple[int, type[_TamperingEntrypoint]]) -> None:
     proxy_port, handler = tampering_entrypoint
-    with VirtualSite(SiteOptions(built.out, built.keys, tmp_path / "site", cache=built.cache,
+    with VirtualSite(SiteOptions(virtual_set.out, virtual_set.keys, tmp_path / "site", cache=virtual_set.cache,
                                  http_entrypoint_port=proxy_port)) as site:
         assert site.server is not None
         handler.upstream = site.server.port
@@ -185,7 +163,7 @@ def _check_tampered(site: VirtualSite, local_os: Path) -> None:
     assert "walt-vpn: starting" not in result.console  # type: ignore[attr-defined]
 
 
-def test_revoked_node_refused_over_http_and_ssh(built: Built, site_factory: Callable[..., VirtualSite],
+def test_revoked_node_refused_over_http_and_ssh(virtual_set: VirtualSet, site_factory: Callable[..., VirtualSite],
                                                 tmp_path: Path) -> None:
     site = site_factory(mode="permissive")
     mac = "dc:a6:32:00:00:04"
@@ -197,7 +175,7 @@ def test_revoked_node_refused_over_http_and_ssh(built: Built, site_factory: Call
     # Its SD card carries the same VPN boot files: the node gets as far as SSH, which refuses it.
     card = tmp_path / "vpn-card"
     card.mkdir()
-    for name, data in read_all((built.out / "bootimg" / "boot.img").read_bytes()).items():
+    for name, data in read_all((virtual_set.out / "bootimg" / "boot.img").read_bytes()).items():
         (card / name).write_bytes(data)
     result, log = _boot(site, eeprom, sd=card, name="revoked", extra_cmdline=FAST_FAIL,
                         marker=r"walt-vpn: .*giving up after 2 attempts")
@@ -224,9 +202,9 @@ def test_mode_switch_changes_digest_and_boot_order(site_factory: Callable[..., V
     assert "mode permissive" in result.console  # type: ignore[attr-defined]
 
 
-def test_recovery_kit_resets_an_enforced_node(built: Built, site_factory: Callable[..., VirtualSite],
+def test_recovery_kit_resets_an_enforced_node(virtual_set: VirtualSet, site_factory: Callable[..., VirtualSite],
                                               tmp_path: Path) -> None:
-    with tarfile.open(built.out / "recovery" / "rpi-5-sd-recovery.tar.gz") as tar:
+    with tarfile.open(virtual_set.out / "recovery" / "rpi-5-sd-recovery.tar.gz") as tar:
         kit = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}  # type: ignore[union-attr]
     conf = parse_bootconf(parse_image(kit["pieeprom.bin"]).read_file("bootconf.txt").decode())
     # HTTP boot from the server's walt-net address (the recipe's site) first, then TFTP, SD.

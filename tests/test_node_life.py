@@ -15,21 +15,17 @@ import json
 import os
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 from click.testing import CliRunner
+from conftest import VirtualSet
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from fwbuild.build import build
 from fwbuild.cli import main
 from fwbuild.eeprom.assemble import assemble_eeprom
 from fwbuild.eeprom.synthetic import synthetic_image
-from fwbuild.keys import init_keys
-from fwbuild.recipe import load_recipe
-from fwbuild.sources import Cache
 from fwbuild.virtual.rootfs import MARKER
 from fwbuild.virtual.sshd import free_port
 from server.virtual_demo import FLASHED, Life, insert_recovery_card, power_until_root
@@ -44,31 +40,13 @@ ROOT = Path(__file__).resolve().parent.parent
 FAST_FAIL = "walt_vpn.retries=2 walt_vpn.backoff=1"
 REFUSED = "walt-vpn: flash: image refused, not flashed: "
 
-
-@dataclass(frozen=True)
-class Built:
-    out: Path
-    keys: Path
-    cache: Cache
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
-    cache = Cache(tmp_path_factory.getbasetemp() / "fwbuild-cache")
-    work = tmp_path_factory.mktemp("life-build")
-    keys = init_keys(work / "keys").directory
-    result = build(load_recipe(ROOT / "recipes" / "virtual.toml"), out_root=work / "out",
-                   keys_dir=keys, cache=cache)
-    return Built(result.out_dir, keys, cache)
-
-
 @pytest.fixture
-def site_factory(built: Built, tmp_path: Path) -> Iterator[Callable[..., VirtualSite]]:
+def site_factory(virtual_set: VirtualSet, tmp_path: Path) -> Iterator[Callable[..., VirtualSite]]:
     sites: list[VirtualSite] = []
 
     def start(**options: Any) -> VirtualSite:
-        site = VirtualSite(SiteOptions(built.out, built.keys, tmp_path / f"site{len(sites)}",
-                                       cache=built.cache, **options))
+        site = VirtualSite(SiteOptions(virtual_set.out, virtual_set.keys, tmp_path / f"site{len(sites)}",
+                                       cache=virtual_set.cache, **options))
         sites.append(site)
         site.start()
         return site
@@ -82,20 +60,20 @@ def _lines(console: str) -> list[str]:
     return [line.strip() for line in console.splitlines() if line.startswith("walt-vpn: ")]
 
 
-def _recovered(site: VirtualSite, mac: str, built: Built) -> VirtualNode:
+def _recovered(site: VirtualSite, mac: str, virtual_set: VirtualSet) -> VirtualNode:
     """A node whose flash holds the recovery EEPROM (as the recovery card leaves it)."""
-    recovery = (built.out / "eeprom" / "recovery" / "pieeprom.bin").read_bytes()
+    recovery = (virtual_set.out / "eeprom" / "recovery" / "pieeprom.bin").read_bytes()
     return site.add_node(mac, flash=recovery)
 
 
 def test_demo_whole_life_self_enrollment_and_two_self_flashes(
-        built: Built, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        virtual_set: VirtualSet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`fwbuild virtual-node demo --json`, as a user runs it; then `fwbuild nodes show`."""
-    monkeypatch.setenv("FWBUILD_CACHE", str(built.cache.root))
+    monkeypatch.setenv("FWBUILD_CACHE", str(virtual_set.cache.root))
     mac, work = "dc:a6:32:00:01:01", tmp_path / "demo"
     result = CliRunner().invoke(main, [
         "virtual-node", "demo", "--json", "--recipe", str(ROOT / "recipes" / "virtual.toml"),
-        "--out", str(built.out.parent), "--keys", str(built.keys), "--work", str(work), "--mac", mac])
+        "--out", str(virtual_set.out.parent), "--keys", str(virtual_set.keys), "--work", str(work), "--mac", mac])
     assert result.exit_code == 0, result.output[-3000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary == {
@@ -128,9 +106,9 @@ def test_demo_whole_life_self_enrollment_and_two_self_flashes(
 
 
 def test_entrypoint_change_reflashes_and_comes_back_through_the_new_port(
-        site_factory: Callable[..., VirtualSite], built: Built) -> None:
+        site_factory: Callable[..., VirtualSite], virtual_set: VirtualSet) -> None:
     site = site_factory()
-    node = _recovered(site, "dc:a6:32:00:01:02", built)
+    node = _recovered(site, "dc:a6:32:00:01:02", virtual_set)
     life = Life()
     assert power_until_root(site, node, life).ok
     assert "authenticated to 10.0.2.100:22 " in life.results[-1].console
@@ -140,9 +118,9 @@ def test_entrypoint_change_reflashes_and_comes_back_through_the_new_port(
     assert life.boots[-1]["via"] == "ssh entrypoint 10.0.2.100:2222"
 
 
-def test_matching_digest_flashes_nothing(site_factory: Callable[..., VirtualSite], built: Built) -> None:
+def test_matching_digest_flashes_nothing(site_factory: Callable[..., VirtualSite], virtual_set: VirtualSet) -> None:
     site = site_factory()
-    node = _recovered(site, "dc:a6:32:00:01:03", built)
+    node = _recovered(site, "dc:a6:32:00:01:03", virtual_set)
     assert power_until_root(site, node, Life()).ok
     flash = node.flash.read_bytes()
     result = site.power_on(node)
@@ -155,9 +133,9 @@ def test_matching_digest_flashes_nothing(site_factory: Callable[..., VirtualSite
 
 
 def test_server_unreachable_at_boot_costs_one_line_and_the_node_still_boots(
-        site_factory: Callable[..., VirtualSite], built: Built) -> None:
+        site_factory: Callable[..., VirtualSite], virtual_set: VirtualSet) -> None:
     site = site_factory()
-    node = _recovered(site, "dc:a6:32:00:01:04", built)
+    node = _recovered(site, "dc:a6:32:00:01:04", virtual_set)
     assert power_until_root(site, node, Life()).ok
     flash = node.flash.read_bytes()
     site.stop_admin_api()  # boot files still served; the gate's server side is gone
@@ -169,10 +147,10 @@ def test_server_unreachable_at_boot_costs_one_line_and_the_node_still_boots(
 
 
 def test_power_cut_mid_flash_next_power_on_still_boots(site_factory: Callable[..., VirtualSite],
-                                                       built: Built) -> None:
+                                                       virtual_set: VirtualSet) -> None:
     """Killed while partition A is rewritten: the next power-on runs partition B's copy."""
     site = site_factory()
-    node = _recovered(site, "dc:a6:32:00:01:05", built)
+    node = _recovered(site, "dc:a6:32:00:01:05", virtual_set)
     cut = site.power_on(node, power_cut=r"walt-vpn: flash: paused after step 4",
                         extra_cmdline="walt_vpn.flash_pause=4")
     assert cut.power_cut, cut.reason
@@ -258,7 +236,7 @@ def walt_net_proxy() -> Iterator[tuple[int, type[_WaltNetProxy]]]:
     ("http-403", "walt-vpn: flash: fetching eeprom-digest failed (server returned error: HTTP/1.0 403"),
     ("unreachable", "walt-vpn: enroll: http://10.0.2.100:8080/walt-vpn/enroll failed"),
 ])
-def test_first_boot_bad_answers_never_flash(site_factory: Callable[..., VirtualSite], built: Built,
+def test_first_boot_bad_answers_never_flash(site_factory: Callable[..., VirtualSite], virtual_set: VirtualSet,
                                             walt_net_proxy: tuple[int, type[_WaltNetProxy]],
                                             mode: str, line: str) -> None:
     proxy_port, handler = walt_net_proxy
@@ -271,7 +249,7 @@ def test_first_boot_bad_answers_never_flash(site_factory: Callable[..., VirtualS
         other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         handler.other_image = assemble_eeprom(synthetic_image(), "[all]\nBOOT_ORDER=0xf7\n",
                                               boot_key=other, timestamp=1)
-    node = _recovered(site, "dc:a6:32:00:01:06", built)
+    node = _recovered(site, "dc:a6:32:00:01:06", virtual_set)
     recovery = node.flash.read_bytes()
     result = site.power_on(node, extra_cmdline=FAST_FAIL, timeout=400)
     assert result.exit_status == 0, result.reason  # gave up, rebooted (enforced fallback)
@@ -288,12 +266,12 @@ def test_first_boot_bad_answers_never_flash(site_factory: Callable[..., VirtualS
 
 
 def test_recovery_card_then_first_boot_from_a_factory_flash(site_factory: Callable[..., VirtualSite],
-                                                            built: Built) -> None:
+                                                            virtual_set: VirtualSet) -> None:
     site = site_factory()
     node = site.add_node("dc:a6:32:00:01:07")  # a factory EEPROM: SD/USB/NVMe, no pubkey.bin
-    card = insert_recovery_card(built.out, site.options.work / "card")
+    card = insert_recovery_card(virtual_set.out, site.options.work / "card")
     assert site.power_on(node, sd=card).mode == "recovery"
-    assert node.flash.read_bytes() == (built.out / "eeprom" / "recovery" / "pieeprom.bin").read_bytes()
+    assert node.flash.read_bytes() == (virtual_set.out / "eeprom" / "recovery" / "pieeprom.bin").read_bytes()
     result = site.power_on(node)
     assert FLASHED in result.console and result.exit_status == 0, result.reason
 
