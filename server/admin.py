@@ -154,8 +154,13 @@ class AdminRoutes:
                         headers={"Cache-Control": "no-store"})
 
     def eeprom_digest(self, request: Request) -> Response:
-        """sha256 of exactly that image."""
-        image = self.service.node_image(self.service.booting_node(request.params["mac"]))
+        """sha256 of exactly that image. The gate asks it once per boot for the node its
+        certificate names: the event is how a distant node (whose HTTP boot comes through an
+        entrypoint, unattributable) shows up as seen."""
+        node = self.service.booting_node(request.params["mac"])
+        image = self.service.node_image(node)
+        if request.method == "GET":
+            self.service.record(node, "eeprom-digest", "200", "ssh-gate")
         return Response.text(image.sha256 + "\n", headers={"Cache-Control": "no-store"})
 
     def set_mode(self, request: Request) -> Response:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import json
 import os
 import tarfile
 import threading
@@ -98,9 +99,12 @@ def test_happy_path_enroll_http_boot_tunnel_root(site_factory: Callable[..., Vir
     assert "walt-vpn: ssh: authenticated to 10.0.2.100:22 as walt-vpn (certificate, pinned host key)" in console
     assert "root.img read-only (loop over sshfs)" in console
     assert MARKER in console
-    # The server recorded what this node fetched.
-    shown = _nodes(site, "show", "dc:a6:32:00:00:01", "--json")
-    assert "boot.img" in shown and "boot.sig" in shown
+    # The server recorded what this node fetched: its whole boot.img from its own address
+    # (boot.sig is not an event), and the SSH gate's digest check for its certificate's node.
+    events = json.loads(_nodes(site, "show", "dc:a6:32:00:00:01", "--json"))["events"]
+    fetched = {(e["artifact"], e["client"]) for e in events}
+    assert "boot.img" in {artifact for artifact, _ in fetched}, events
+    assert ("eeprom-digest", "ssh-gate") in fetched, events
 
 
 class _TamperingEntrypoint(http.server.BaseHTTPRequestHandler):
