@@ -52,13 +52,14 @@ def _register() -> None:
         cmd_eeprom,
         cmd_initramfs,
         cmd_recovery,
+        cmd_rootfs,
         cmd_server,
         cmd_virtual,
         commands_core,
     )
 
     for module in (commands_core, cmd_eeprom, cmd_initramfs, cmd_bootimg, cmd_recovery, cmd_server,
-                   cmd_virtual):
+                   cmd_virtual, cmd_rootfs):
         for command in module.COMMANDS:
             main.add_command(command)
 
