@@ -7,6 +7,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -102,7 +103,8 @@ def run_prefetch(tmp_path: Path, image: Path) -> subprocess.CompletedProcess[str
     assert BUSYBOX is not None
     return subprocess.run([BUSYBOX, "sh", "-c", f'. {init}\nprefetch_image "{image}"\necho rc=$?\n'],
                           capture_output=True, text=True, timeout=120, check=False,
-                          env={**os.environ, "PREFETCH_TMP": str(work)})
+                          env={**os.environ, "PREFETCH_JAIL": "", "PREFETCH_TMP": str(work),
+                               "PREFETCH_LOG": str(tmp_path / "prefetch.log")})
 
 
 def prefetch_lines(result: subprocess.CompletedProcess[str]) -> list[str]:
@@ -117,9 +119,16 @@ def test_init_prefetches_a_good_set(tmp_path: Path) -> None:
     result = run_prefetch(tmp_path, image)
     lines = prefetch_lines(result)
     assert len(lines) == 1, result.stdout + result.stderr
-    assert lines[0].startswith(f"walt-vpn: prefetch: {len(ws.ranges)} ranges, 0 MiB of the root read ahead in ")
+    assert lines[0] == (f"walt-vpn: prefetch: {len(ws.ranges)} ranges, 0 MiB of the root"
+                        )
     assert "rc=0" in result.stdout
-    assert not list((tmp_path / "pftmp").iterdir())   # its scratch files are gone
+    # The streams run in the background and report once done (on the console in the init).
+    log = tmp_path / "prefetch.log"
+    deadline = time.monotonic() + 120
+    while "done" not in (log.read_text() if log.exists() else "") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert log.read_text().startswith("walt-vpn: prefetch: done in ")
+    assert not list((tmp_path / "pftmp").iterdir())   # its stream files are gone
 
 
 @needs_busybox
