@@ -1,139 +1,186 @@
-"""Benchmark the VPN boot: QEMU start -> switch_root -> marker, SFTP requests and bytes.
+"""Benchmark the distant boot of a real Debian root: HTTP boot, VPN, multi-user.target, prefetch.
 
-For each added round-trip time (0, 50, 200 ms by default) and each root mode
-(`dir`: sshfs over the exported directory + overlay; `image`: an ext4 image of the
-same tree loop-mounted through sshfs), boot Debian's arm64 kernel with the VPN
-initramfs against a real sshd running in a network namespace created here (latency
-by netem on the namespace's loopback, or by the forwarder's delay line when the
-kernel has no netem). The tiny root reads its whole tree twice; SFTP sentinels split
-the server's log into: boot (up to the root's init), first pass, second pass.
+Builds `recipes/virtual.toml` (boot.img, boot.sig, the VPN initramfs) and the Debian
+node root (`fwbuild rootfs build`: bookworm arm64 minbase + systemd + openssh-server),
+then for each network profile (`lan` 0 ms / 1 Gbit/s, `50ms` 50 ms / 1 Gbit/s,
+`distant` 200 ms / 20 Mbit/s, modelled by `fwbuild.virtual.netmodel.NetRelay` on the
+path between the node and the entrypoints):
 
-Needs root, qemu-system-aarch64, and network access to the Debian archive the first
-time (packages are cached in FWBUILD_CACHE). Prints figures; asserts nothing.
+- HTTP boot: boot.sig then boot.img over ONE keep-alive TCP connection through the
+  path, then sha256 + RSA verification with the build's key (what the bootloader does);
+- VPN boot of the root image in QEMU: time to the root's init (systemd's first line),
+  time to multi-user.target (the root's marker unit), SFTP requests and bytes, bytes
+  the path delivered to the node;
 
-    python3 bench/vpnboot.py [--rtt 0,50,200] [--modes dir,image]
+without and with the boot working set (recorded by the first LAN boot, published next
+to the image as `root.img.prefetch`), and a second boot of the distant node with
+prefetch (the node keeps nothing across power cycles: its cache is RAM).
+
+Needs root, qemu-system-aarch64, and the Debian archive the first time (cached in
+FWBUILD_CACHE). Prints figures; asserts nothing. `--json` prints one object.
+
+    python3 bench/vpnboot.py [--profiles lan,50ms,distant] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
-import re
+import hashlib
+import http.server
+import json
+import os
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import requests
 
-from fwbuild.initramfs.builder import build_initramfs, stage_kernel
-from fwbuild.keys import init_keys, load_ssh_ca
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from fwbuild.build import build
+from fwbuild.initramfs.builder import stage_kernel
+from fwbuild.keys import BOOT_PUB_NAME, init_keys, load_public_key
+from fwbuild.recipe import load_recipe
+from fwbuild.rootfs.debian import MARKER, ROOT_INIT_LINE, build_debian_root
+from fwbuild.sign import parse_sig, verify_sig
 from fwbuild.sources import Cache
-from fwbuild.virtual.qemu import QemuConfig, start_qemu
-from fwbuild.virtual.rootfs import (
-    BOOT_MARKER,
-    MARKER,
-    SENTINEL,
-    build_root_image,
-    build_tiny_root,
-)
-from fwbuild.virtual.sshd import SftpStats, TestSshd, parse_sftp_log, sftp_stats_between
-from fwbuild.virtual.vpnboot import (
-    FW_CFG_NAME,
-    issue_node_credentials,
-    pack_credentials,
-    vpn_config_text,
-    vpn_initramfs_spec,
+from fwbuild.virtual.netmodel import NetRelay, Profile, parse_profile
+from fwbuild.virtual.refboot import BootRun, boot_image
+from fwbuild.virtual.workingset import (
+    publish_working_set,
+    remove_working_set,
+    working_set_from_reads,
 )
 
 KERNEL_PACKAGE = "linux-image-cloud-arm64"
 
 
-def _before(text: str, sentinel: str) -> SftpStats:
-    lines = text.splitlines()
-    end = next((i for i, line in enumerate(lines) if line.endswith(sentinel)), len(lines))
-    return parse_sftp_log("\n".join(lines[:end]))
+class _Quiet(http.server.SimpleHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"   # keep-alive: the bootloader's one connection
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
 
 
-def run_one(work: Path, keys: Path, kernel: Path, initrd: Path, root: Path, rtt: int) -> dict[str, object]:
-    work.mkdir(parents=True)
-    with TestSshd(work / "sshd", ca_public_key=(keys / "ssh-ca.pub").read_text(), netns=True,
-                  added_rtt_ms=rtt, gate_root=str(root)) as sshd:
-        # The SSH gate accepts node key ids only (vpn_<mac12>).
-        creds = issue_node_credentials(load_ssh_ca(keys / "ssh-ca"), "vpn_52540000be0c",
-                                       sshd.known_hosts_line("10.0.2.2"))
-        config = work / "bootconf.txt"
-        config.write_text(vpn_config_text({
-            "WALT_VPN_MAC": "52:54:00:00:be:0c", "WALT_VPN_ENTRYPOINT": f"10.0.2.2:{sshd.port}",
-            "WALT_VPN_BOOT_MODE": "enforced", "WALT_VPN_USER": "walt-vpn",
-            "WALT_VPN_ROOT": str(root), "WALT_VPN_CREDS": pack_credentials(creds)}))
-        qemu = QemuConfig(kernel=kernel, initrd=initrd, memory_mb=768,
-                          append="console=ttyAMA0 panic=-1 fwbuild.readtwice",
-                          fw_cfg={FW_CFG_NAME: config},
-                          extra_args=("-netdev", "user,id=n0",
-                                      "-device", "virtio-net-pci,netdev=n0,romfile="))
-        start = time.monotonic()
-        with start_qemu(qemu, work / "console.log") as vm:
-            booted = vm.wait_for(BOOT_MARKER, 900)
-            t_booted = time.monotonic() - start
-            done = vm.wait_for(MARKER, 900)
-            t_done = time.monotonic() - start
-            vm.wait_exit(30)
-        if not booted or not done:
-            raise SystemExit(f"boot failed, see {work / 'console.log'}:\n{vm.console()[-2000:]}")
-        vm.stop()
-        time.sleep(1)  # let sshd log the closed connections
-        log = sshd.sftp_log.read_text()
-        method = sshd.latency_method
-        ssh_bytes = sum(int(a) + int(b) for a, b in re.findall(
-            r"Transferred: sent (\d+), received (\d+) bytes", sshd.log_text()))
-    boot = _before(log, "/" + SENTINEL.format(0))
-    first = sftp_stats_between(log, "/" + SENTINEL.format(0), "/" + SENTINEL.format(1))
-    second = sftp_stats_between(log, "/" + SENTINEL.format(1), "/" + SENTINEL.format(2))
-    return {"to_root_init_s": t_booted, "to_marker_s": t_done, "boot": boot, "first": first,
-            "second": second, "total": parse_sftp_log(log), "latency": method,
-            "ssh_bytes": ssh_bytes}
+def http_boot(bootdir: Path, keys: Path, profile: Profile) -> tuple[float, int, int]:
+    """(seconds, bytes, connections): boot.sig + boot.img through the path, then verify."""
+    handler = lambda *a: _Quiet(*a, directory=str(bootdir))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with NetRelay(("127.0.0.1", server.server_address[1]), profile) as relay:
+            start = time.monotonic()
+            with requests.Session() as session:
+                base = f"http://127.0.0.1:{relay.port}"
+                sig = session.get(f"{base}/boot.sig", timeout=(5, 300)).content
+                image = session.get(f"{base}/boot.img", timeout=(5, 300)).content
+            parsed = parse_sig(sig)
+            if hashlib.sha256(image).hexdigest() != parsed.sha256:
+                raise SystemExit("boot.img does not match boot.sig")
+            verify_sig(image, parsed, load_public_key(keys / BOOT_PUB_NAME), require_rsa=True)
+            return time.monotonic() - start, relay.bytes_down, relay.connections
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rtt", default="0,50,200", help="added round-trip times in ms")
-    parser.add_argument("--modes", default="dir,image")
+    parser.add_argument("--profiles", default="lan,50ms,distant")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()
+    say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.json else \
+        (lambda *a: print(*a, flush=True))
+    profiles = [parse_profile(name) for name in args.profiles.split(",")]
     cache = Cache.default()
-    with tempfile.TemporaryDirectory(prefix="fwbuild-bench-vpnboot-") as tmp:
-        work = Path(tmp)
-        print("preparing kernel, initramfs, tiny root ...", flush=True)
-        kernel = stage_kernel(KERNEL_PACKAGE, cache)
-        initrd = work / "initramfs"
-        initrd.write_bytes(build_initramfs(vpn_initramfs_spec(KERNEL_PACKAGE), cache).data)
-        root = build_tiny_root(work / "export" / "root", cache)
-        (work / "export" / "images").mkdir()
-        image = build_root_image(root, work / "export" / "images" / "root.img")
-        keys = init_keys(work / "keys").directory
-        print(f"initramfs {initrd.stat().st_size} B, root image {image.stat().st_size} B")
-        header = (f"{'rtt':>5} {'mode':>5} | {'to init':>8} {'to mark':>8} | {'boot req':>8} "
-                  f"{'boot KiB':>8} | {'pass1 req':>9} {'pass2 req':>9} | {'total req':>9} "
-                  f"{'total KiB':>9} {'ssh KiB':>8}")
-        print(header)
-        print("-" * len(header))
-        methods = set()
-        for rtt in (int(v) for v in args.rtt.split(",")):
-            for mode in args.modes.split(","):
-                target = root if mode == "dir" else image
-                r = run_one(work / f"run-{rtt}-{mode}", keys, kernel.image, initrd, target, rtt)
-                boot, first, second, total = (r["boot"], r["first"], r["second"], r["total"])
-                assert isinstance(boot, SftpStats) and isinstance(total, SftpStats)
-                assert isinstance(first, SftpStats) and isinstance(second, SftpStats)
-                methods.add(str(r["latency"]))
-                print(f"{rtt:>5} {mode:>5} | {r['to_root_init_s']:>7.1f}s {r['to_marker_s']:>7.1f}s | "
-                      f"{boot.total_requests:>8} {boot.total_bytes / 1024:>8.0f} | "
-                      f"{first.total_requests:>9} {second.total_requests:>9} | "
-                      f"{total.total_requests:>9} {total.total_bytes / 1024:>9.0f} "
-                      f"{int(str(r['ssh_bytes'])) / 1024:>8.0f}", flush=True)
-        print(f"added latency: {', '.join(sorted(methods))}")
-        print("to init: QEMU start -> the root's /sbin/init runs; to mark: after both read passes")
-        print("boot/pass1/pass2: SFTP requests split by sentinel lookups; total KiB: SFTP packets "
-              "both ways; ssh KiB: sshd's 'Transferred' totals (encrypted, all channels)")
+    work = Path(tempfile.mkdtemp(prefix="fwbuild-bench-vpnboot-"))
+    os.chmod(work, 0o755)
+    say("building recipes/virtual.toml and the Debian root ...")
+    keys = init_keys(work / "keys").directory
+    built = build(load_recipe(ROOT / "recipes" / "virtual.toml"), out_root=work / "out",
+                  keys_dir=keys, cache=cache)
+    bootdir = built.out_dir / "bootimg"
+    initrd = built.out_dir / "initramfs" / "initramfs_2712"
+    kernel = stage_kernel(KERNEL_PACKAGE, cache).image
+    root = build_debian_root(cache)
+    export = work / "export"
+    export.mkdir(mode=0o755)
+    image = export / "root.img"
+    os.link(root.image, image)
+    sizes = {"boot_img": (bootdir / "boot.img").stat().st_size, "initramfs": initrd.stat().st_size,
+             "root_img": image.stat().st_size}
+    say(f"boot.img {sizes['boot_img']} B, initramfs {sizes['initramfs']} B, root image "
+        f"{sizes['root_img']} B ({len(root.packages)} packages, sha256 {root.sha256[:16]})")
+
+    rows: list[dict[str, object]] = []
+    count = 0
+
+    def run(profile: Profile, prefetch: bool, label: str) -> BootRun:
+        nonlocal count
+        count += 1
+        http_s, http_bytes, conns = http_boot(bootdir, keys, profile)
+        r = boot_image(work / f"run-{count}", image, kernel, initrd, profile,
+                       marker=MARKER, init_line=ROOT_INIT_LINE)
+        row = {"profile": profile.name, "rtt_ms": profile.rtt_ms, "rate_mbit": profile.rate_bps / 1e6,
+               "prefetch": prefetch, "boot": label, "http_boot_s": round(http_s, 2),
+               "http_bytes": http_bytes, "http_connections": conns,
+               "to_root_init_s": round(r.to_init_s, 1), "to_multi_user_s": round(r.to_marker_s, 1),
+               "sftp_requests": r.sftp.total_requests, "sftp_bytes": r.sftp.total_bytes,
+               "image_reads": len(r.reads), "path_bytes_down": r.relay_down,
+               "prefetch_line": r.prefetch_line}
+        rows.append(row)
+        say(f"{profile.name:>8} {'yes' if prefetch else 'no':>8} {label:>6} | {http_s:>6.2f}s | "
+            f"{r.to_init_s:>7.1f}s {r.to_marker_s:>8.1f}s | {r.sftp.total_requests:>7} "
+            f"{len(r.reads):>7} {r.sftp.total_bytes / 1e6:>8.1f} {r.relay_down / 1e6:>8.1f}")
+        return r
+
+    header = (f"{'path':>8} {'prefetch':>8} {'boot':>6} | {'HTTP':>7} | {'to init':>8} "
+              f"{'to m-u.t':>9} | {'SFTP req':>7} {'reads':>7} {'SFTP MB':>8} {'path MB':>8}")
+    say(header)
+    say("-" * len(header))
+    remove_working_set(image)
+    reference = None
+    for profile in profiles:
+        remove_working_set(image)
+        r = run(profile, False, "first")
+        if reference is None:
+            # The reference boot: the first one (LAN by default) records the working set.
+            reference = working_set_from_reads(r.reads, image)
+            say(f"   working set: {len(reference.ranges)} ranges, {reference.blocks * 4096 / 1e6:.1f} MB "
+                f"(recorded by the {profile.name} boot)")
+        publish_working_set(reference, image)
+        run(profile, True, "first")
+    last = profiles[-1]
+    run(last, True, "second")
+    say("HTTP: boot.sig + boot.img over one connection + sha256 + RSA; to init: QEMU start -> "
+        "systemd's first line; to m-u.t: -> multi-user.target (marker unit)")
+    say("SFTP req: all SFTP requests; reads: READs of the image; path MB: bytes the modelled "
+        "path delivered to the node (SSH, encrypted)")
+
+    def pick(name: str, prefetch: bool) -> float | None:
+        for row in rows:
+            if row["profile"] == name and row["prefetch"] == prefetch and row["boot"] == "first":
+                value = row["to_multi_user_s"]
+                return float(value) if isinstance(value, (int, float)) else None
+        return None
+
+    lan, distant, distant_pf = pick("lan", False), pick("distant", False), pick("distant", True)
+    summary = {
+        "lan_s": lan, "lan_prefetch_s": pick("lan", True), "distant_s": distant,
+        "distant_prefetch_s": distant_pf,
+        "ratio": round(distant / lan, 2) if lan and distant else None,
+        "ratio_prefetch": round(distant_pf / lan, 2) if lan and distant_pf else None,
+        "working_set_bytes": reference.blocks * 4096 if reference else None,
+        "sizes": sizes, "rows": rows,
+    }
+    if args.json:
+        print(json.dumps(summary, indent=1))
+    else:
+        print(f"ratio distant/lan: {summary['ratio']}  with prefetch: {summary['ratio_prefetch']} "
+              "(times to multi-user.target)")
 
 
 if __name__ == "__main__":

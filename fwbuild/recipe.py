@@ -269,9 +269,9 @@ def _check(recipe: Recipe) -> None:
         if variant not in recipe.eeprom.variants:
             raise RecipeError(f"template for a variant that is not built: {variant!r}",
                               f"eeprom.templates.{variant}", _near_miss(variant, recipe.eeprom.variants))
-    if recipe.initramfs.compression not in ("zstd", "gzip", "none"):
+    if recipe.initramfs.compression not in ("zstd", "xz", "gzip", "none"):
         raise RecipeError(f"unknown compression {recipe.initramfs.compression!r}",
-                          "initramfs.compression", "use `zstd`, `gzip` or `none`")
+                          "initramfs.compression", "use `zstd`, `xz`, `gzip` or `none`")
     init = recipe.initramfs.init
     if not (init.startswith("builtin:") or init.endswith(".j2")):
         raise RecipeError(f"invalid init {init!r}", "initramfs.init",

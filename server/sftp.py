@@ -114,7 +114,8 @@ class _Dir:
 
 
 class Area:
-    """What one node may read: a directory tree, or one image file (and its parent's listing)."""
+    """What one node may read: a directory tree, or one image file with its boot working set
+    `<image>.prefetch` (and their parent's listing, showing only them)."""
 
     def __init__(self, root: str) -> None:
         real = os.path.realpath(root)
@@ -123,16 +124,17 @@ class Area:
         self.is_image = not os.path.isdir(real)
         self.root = os.fsencode(real)
         self.top = os.path.dirname(self.root) if self.is_image else self.root
+        self.files = (self.root, self.root + b".prefetch") if self.is_image else ()
 
     def allows(self, real: bytes) -> bool:
         if self.is_image:
-            return real in (self.root, self.top)
+            return real in self.files or real == self.top
         return real == self.root or real.startswith(self.root.rstrip(b"/") + b"/")
 
     def listed(self, directory: bytes, name: bytes) -> bool:
         if not self.is_image:
             return True
-        return directory != self.top or os.path.join(directory, name) == self.root
+        return directory != self.top or os.path.join(directory, name) in self.files
 
     def resolve(self, path: bytes, follow: bool = True) -> bytes:
         """The real path of `path` (relative to the area's top), refused outside the area.
@@ -160,6 +162,7 @@ class SftpServer:
         self.area = area
         self.log = log
         self.handles: dict[bytes, int | _Dir] = {}
+        self.opened: dict[int, bytes] = {}  # fd -> the path the client opened (for the log)
         self.counter = 0
         self.out: list[bytes] = []
         self.out_size = 0
@@ -217,8 +220,7 @@ class SftpServer:
         path = b""
         if kind in PATH_TYPES and len(packet) >= 9:
             size = struct.unpack_from(">I", packet, 5)[0]
-            text = packet[9:9 + size].decode("utf-8", "backslashreplace")
-            path = b" " + text.replace("\n", "\\n").replace(" ", "\\x20").encode("utf-8", "replace")
+            path = b" " + _log_path(packet[9:9 + size])
         self.log.write(f"C {kind} {len(packet) + 4}".encode() + path + b"\n")
 
     def _send(self, kind: int, payload: bytes) -> None:
@@ -257,6 +259,8 @@ class SftpServer:
         if kind == READ:
             fd = self._file(r.string())
             offset, size = r.u64(), min(r.u32(), MAX_READ)
+            if self.log is not None:  # "R offset length path": the boot working set's source
+                self.log.write(f"R {offset} {size} ".encode() + self.opened.get(fd, b"?") + b"\n")
             data = os.pread(fd, size, offset)
             if not data:
                 raise SftpError(EOF, "end of file")
@@ -274,6 +278,8 @@ class SftpServer:
             except BaseException:
                 os.close(fd)
                 raise
+            if self.log is not None:
+                self.opened[fd] = _log_path(path)
             self._new_handle(rid, fd)
         elif kind == CLOSE:
             handle = r.string()
@@ -343,3 +349,9 @@ class SftpServer:
         handle = str(self.counter).encode()
         self.handles[handle] = value
         self._send(HANDLE, struct.pack(">I", rid) + _string(handle))
+
+
+def _log_path(raw: bytes) -> bytes:
+    """A path as one log word (spaces as \\x20, newlines as \\n)."""
+    text = raw.decode("utf-8", "backslashreplace")
+    return text.replace("\n", "\\n").replace(" ", "\\x20").encode("utf-8", "replace")

@@ -138,11 +138,14 @@ def test_truncated_data_is_reported() -> None:
 
 def test_compression_is_reproducible_and_detectable() -> None:
     raw = golden_bytes()
-    for method in ("zstd", "gzip", "none"):
+    for method in ("zstd", "xz", "gzip", "none"):
         packed = compress(raw, method)
         assert packed == compress(raw, method)
         assert detect_compression(packed) == method
         assert decompress(packed) == raw
+    xz = compress(raw, "xz")
+    # The stream flags name CRC32 (0x01): the kernel's xz decoder takes CRC32, not CRC64/SHA-256.
+    assert xz[6:8] == b"\x00\x01"
     gz = compress(raw, "gzip")
     assert gz[4:8] == b"\0\0\0\0"  # gzip header mtime fixed to 0
     assert gzip.decompress(gz) == raw

@@ -114,13 +114,14 @@ def _register() -> None:
         cmd_initramfs,
         cmd_nodes,
         cmd_recovery,
+        cmd_rootfs,
         cmd_server,
         cmd_virtual,
         commands_core,
     )
 
-    for module in (commands_core, cmd_eeprom, cmd_initramfs, cmd_bootimg, cmd_recovery, cmd_server, cmd_nodes,
-                   cmd_virtual, cmd_completion):
+    for module in (commands_core, cmd_eeprom, cmd_initramfs, cmd_bootimg, cmd_recovery, cmd_server,
+                   cmd_nodes, cmd_virtual, cmd_rootfs, cmd_completion):
         for command in module.COMMANDS:
             main.add_command(command)
     _fix_summaries(main)

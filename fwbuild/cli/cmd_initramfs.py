@@ -15,7 +15,7 @@ from ._common import existing_file, progress_display, writing
 
 @click.group("initramfs")
 def initramfs_group() -> None:
-    """Build and inspect arm64 initramfs archives (cpio newc, zstd/gzip)."""
+    """Build and inspect arm64 initramfs archives (cpio newc, zstd/xz/gzip)."""
 
 
 @initramfs_group.command("build")
@@ -27,7 +27,7 @@ def initramfs_group() -> None:
 @click.option("--kernel-package", help="linux-image-* package the modules come from.")
 @click.option("--file", "files", multiple=True, metavar="DEST=HOSTPATH", help="Extra file (repeatable).")
 @click.option("--init", help="Init template: builtin:NAME or a path to a jinja2 template.")
-@click.option("--compression", type=click.Choice(("zstd", "gzip", "none")), help="Default: zstd.")
+@click.option("--compression", type=click.Choice(("zstd", "xz", "gzip", "none")), help="Default: zstd.")
 @click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path),
               help="Output file (default with a recipe: out/<recipe>/initramfs/initramfs_2712).")
 def build_cmd(recipe: str | None, packages: tuple[str, ...], binaries: tuple[str, ...],
@@ -92,7 +92,7 @@ def build_cmd(recipe: str | None, packages: tuple[str, ...], binaries: tuple[str
 @click.argument("file", type=existing_file())
 @click.option("--numeric/--names", default=True, help="Print uid/gid numbers (all 0 anyway).")
 def list_cmd(file: str, numeric: bool) -> None:
-    """List FILE like `cpio -tv` (with sizes); zstd, gzip or uncompressed."""
+    """List FILE like `cpio -tv` (with sizes); zstd, xz, gzip or uncompressed."""
     from ..initramfs.cpio import decompress, detect_compression, read_cpio
 
     data = Path(file).read_bytes()

@@ -27,7 +27,7 @@ from ..progress import Progress, report
 from ..recipe import AptRepository, Recipe, resolve_path, resolved_repositories
 from ..sources import Cache
 from .apt import AptSession, PinnedPackage, dependency_chains
-from .cpio import COMPRESSIONS, GZIP_LEVEL, ZSTD_LEVEL, compress, decompress, write_cpio
+from .cpio import COMPRESSIONS, GZIP_LEVEL, XZ_LEVEL, ZSTD_LEVEL, compress, decompress, write_cpio
 from .deb import DebContents, stage_deb
 from .elf import resolve_elf_closure
 from .init import defaults_for
@@ -282,7 +282,7 @@ def compress_cached(raw: bytes, method: str, cache: Cache) -> bytes:
     """
     if method == "none":
         return raw
-    level = ZSTD_LEVEL if method == "zstd" else GZIP_LEVEL
+    level = {"zstd": ZSTD_LEVEL, "xz": XZ_LEVEL}.get(method, GZIP_LEVEL)
     memo = cache.root / "compressed" / f"{method}-{level}-{hashlib.sha256(raw).hexdigest()}"
     try:
         data = memo.read_bytes()

@@ -35,7 +35,7 @@ from ..nodecreds import (
 
 # What the VPN client needs from Debian (arm64): busybox for everything shell,
 # OpenSSH's client (certificates; dropbear has none) and sshfs (FUSE, SFTP).
-VPN_PACKAGES = ("busybox-static", "openssh-client", "sshfs")
+VPN_PACKAGES = ("busybox", "openssh-client", "sshfs")
 VPN_PATHS = ("/bin/busybox", "/usr/bin/ssh", "/usr/bin/sshfs")
 # Kernel modules for the virtual Pi 5 (Debian's cloud arm64 kernel; ext4 and
 # af_packet are built in there). A Pi 5 recipe lists its own (nvmem, macb, ...).
@@ -86,7 +86,7 @@ def render_vpn_init(settings: VpnInitSettings = VpnInitSettings(),
 
 def vpn_initramfs_spec(kernel_package: str, *, modules: Sequence[str] = VIRTUAL_MODULES,
                        settings: VpnInitSettings = VpnInitSettings(),
-                       compression: str = "zstd", epoch: int = 0) -> Any:
+                       compression: str = "xz", epoch: int = 0) -> Any:
     """An `InitramfsSpec` for the VPN client (typed Any: the builder is imported lazily)."""
     from ..initramfs.builder import InitramfsSpec
 

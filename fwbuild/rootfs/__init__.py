@@ -1,0 +1,1 @@
+"""Node root filesystems (the OS a distant node boots through the VPN)."""
