@@ -338,6 +338,7 @@ def build_routes(service: Service, binder: NodeBinder) -> list[Route]:
         Route(GET, ("api", "status"), "admin", a.status_json, "admin"),
         Route(GET, ("api", "nodes"), "admin", a.nodes, "admin"),
         Route(GET, ("api", "artifacts"), "admin", a.artifacts, "admin"),
+        Route(GET, ("api", "walt-net"), "admin", a.walt_net, "admin"),
         Route(GET, ("api", "nodes", "{mac}"), "admin", a.node, "admin"),
         Route(GET, ("api", "nodes", "{mac}", "pieeprom.bin"), "admin", a.pieeprom_bin, "admin"),
         Route(GET, ("api", "nodes", "{mac}", "eeprom-digest"), "admin", a.eeprom_digest, "admin"),

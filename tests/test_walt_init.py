@@ -137,3 +137,24 @@ def test_walt_node_key_logs_in_to_a_real_sshd(tmp_path: Path, session_keys: Path
     login = _ssh(config)
     assert login.returncode == 0, login.stderr
     assert login.stdout[4:9] == SFTP_VERSION
+
+
+CHECK_IN_STUBS = ('ETMP={tmp}; VPN={tmp}; CTL={tmp}/ctl; chroot() {{ echo "chroot $*" >&2; }}\n'
+                  'connect_ssh() {{ echo "reconnect tunnel=$WANT_TUNNEL"; }}\n'
+                  'ssh_gate() {{ printf "{answer}" > "$2"; return {status}; }}\n'
+                  'WANT_TUNNEL=0; check_in_walt_net; echo "tunnel=$WANT_TUNNEL"')
+
+
+@needs_busybox
+def test_enforced_node_on_walt_net_checks_in(tmp_path: Path) -> None:
+    ok = run_init_functions(tmp_path, CHECK_IN_STUBS.format(tmp=tmp_path, answer="OK\\n",
+                                                            status=0))
+    assert ok.stdout.splitlines() == [
+        "walt-vpn: network: on walt-net, confirmed by the server (check-in-walt-net): no tunnel",
+        "tunnel=0"]
+    refused = run_init_functions(tmp_path, CHECK_IN_STUBS.format(
+        tmp=tmp_path, answer="FAILED -- NOT in walt network\\n", status=1))
+    assert refused.stdout.splitlines() == [
+        ("walt-vpn: network: the server did not confirm walt-net (FAILED -- NOT in walt "
+         "network): using the tunnel"),
+        "reconnect tunnel=1", "tunnel=1"]
