@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.serialization.ssh import (
 
 from fwbuild.errors import UsageError
 from fwbuild.fsutil import atomic_write
+from fwbuild.keys import SshCaKey
 from fwbuild.nodecreds import (
     CERTIFICATE,
     KNOWN_HOSTS,
@@ -88,7 +89,7 @@ def public_line(key: SSHCertPublicKeyTypes) -> str:
 
 
 def issue_certificate(
-    ca: ed25519.Ed25519PrivateKey,
+    ca: SshCaKey,
     mac12: str,
     serial: int,
     now: int,
