@@ -5,7 +5,9 @@ an ecdsa-384 key, enroll, fetch certificate, host keys, public.pem, http-path, v
 pack WALT_VPN_CREDS, build the EEPROM WalT's way (stock image + bootconf + public.pem,
 here `fwbuild eeprom edit`). Our initramfs accepts that EEPROM's config and credentials;
 the node's per-ip HTTP-boot files verify with its public.pem; a second run changes
-nothing; `fwbuild nodes set-mode` changes its boot-mode answer (and the next run re-flashes).
+nothing; `fwbuild nodes set-mode` changes its boot-mode answer (and the next run re-flashes
+with the same credentials, as WalT's client does). WalT's client also appends
+`ssh-keyscan -H server.walt` to known_hosts: left out (no server.walt here).
 
 Not here: booting that EEPROM in the virtual node (QEMU) to the root (see the report of
 issue 12)."""
@@ -66,37 +68,46 @@ class WaltClient:
                 "WALT_VPN_MAC": self.get(CONF + "vpn-mac").decode()}
 
     def run(self, number: int) -> bool:
-        """One boot of the node OS; True when it re-flashed."""
-        if self.running_values() == self.server_values():
-            return False
-        key = self.work / f"id_walt_vpn-{number}"
-        subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-f",
-                        str(key)], check=True)
-        self.paths.append("/walt-vpn/enroll")
-        enrolled = walt_enroll(self.port, Path(str(key) + ".pub").read_text())
-        assert (enrolled.status, enrolled.body) == (200, b"OK\n")
-        values = self.server_values()  # vpn-mac now set
-        files = {"id_walt_vpn": key.read_bytes(),
-                 "id_walt_vpn-cert.pub": self.get(CONF + "ssh-pubkey-cert"),
-                 "known_hosts": self.get(CONF + "ssh-entrypoint-host-keys")}
-        raw = io.BytesIO()
-        with tarfile.open(fileobj=raw, mode="w:gz") as tar:
-            for name, data in files.items():
-                info = tarfile.TarInfo(name)
-                info.size, info.mode = len(data), 0o600
-                tar.addfile(info, io.BytesIO(data))
+        """One boot of the node OS (walt-vpn-auto-enroll's steps); True when it re-flashed."""
+        current, values = self.running_values(), self.server_values()
+        if current == values:
+            return False  # "Already up-to-date."
+        if current["WALT_VPN_MAC"] and current["WALT_VPN_MAC"] != values["WALT_VPN_MAC"]:
+            current = dict.fromkeys(current, "")  # another platform: start again
+        if current["WALT_VPN_ENTRYPOINT"] != values["WALT_VPN_ENTRYPOINT"]:
+            if current["WALT_VPN_ENTRYPOINT"] == "":  # a new node: enroll
+                key = self.work / f"id_walt_vpn-{number}"
+                subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-f",
+                                str(key)], check=True)
+                self.paths.append("/walt-vpn/enroll")
+                enrolled = walt_enroll(self.port, Path(str(key) + ".pub").read_text(),
+                                       headers={"Prefer": "errors=text-only"})
+                assert (enrolled.status, enrolled.body) == (200, b"OK\n")
+                files = {"id_walt_vpn": key.read_bytes(),
+                         "id_walt_vpn-cert.pub": self.get(CONF + "ssh-pubkey-cert")}
+            else:  # only the entrypoint changed: the credentials in the EEPROM stay
+                files = read_creds_tar(self.running_creds())
+            files["known_hosts"] = self.get(CONF + "ssh-entrypoint-host-keys")
+            raw = io.BytesIO()
+            with tarfile.open(fileobj=raw, mode="w:gz") as tar:
+                for name in ("id_walt_vpn", "id_walt_vpn-cert.pub", "known_hosts"):
+                    info = tarfile.TarInfo(name)
+                    info.size, info.mode = len(files[name]), 0o600
+                    tar.addfile(info, io.BytesIO(files[name]))
+            creds = base64.b64encode(raw.getvalue()).decode()
+        else:
+            creds = self.running_creds()
+        (self.work / "public.pem").write_bytes(self.get(CONF + "public.pem"))
+        http_path = self.get(CONF + "http-path").decode()
+        vpn_mac = self.get(CONF + "vpn-mac").decode()
         mode = values["WALT_VPN_BOOT_MODE"]
         bootconf = "\n".join([
-            "[all]", "BOOT_UART=1", f"BOOT_ORDER={'0xf7' if mode == 'enforced' else '0xf71'}",
+            "[all]", "BOOT_UART=1", f"BOOT_ORDER={'0xf7' if mode == 'enforced' else '0xf127'}",
             "NET_INSTALL_ENABLED=0", f"ENABLE_SELF_UPDATE={'0' if mode == 'enforced' else '1'}",
-            f"HTTP_HOST={values['HTTP_HOST']}",
-            f"HTTP_PATH={self.get(CONF + 'http-path').decode()}", "DHCP_REQ_TIMEOUT=500",
-            f"WALT_VPN_MAC={values['WALT_VPN_MAC']}",
-            f"WALT_VPN_ENTRYPOINT={values['WALT_VPN_ENTRYPOINT']}",
-            f"WALT_VPN_BOOT_MODE={mode}",
-            f"WALT_VPN_CREDS={base64.b64encode(raw.getvalue()).decode()}", ""])
+            f"HTTP_HOST={values['HTTP_HOST']}", f"HTTP_PATH={http_path}", "DHCP_REQ_TIMEOUT=500",
+            f"WALT_VPN_MAC={vpn_mac}", f"WALT_VPN_ENTRYPOINT={values['WALT_VPN_ENTRYPOINT']}",
+            f"WALT_VPN_BOOT_MODE={mode}", f"WALT_VPN_CREDS={creds}", ""])
         (self.work / "bootconf.txt").write_text(bootconf)
-        (self.work / "public.pem").write_bytes(self.get(CONF + "public.pem"))
         stock = self.work / "pieeprom-stock.bin"
         stock.write_bytes(synthetic_image())
         result = CliRunner().invoke(main, [
@@ -104,6 +115,21 @@ class WaltClient:
             "--pubkey", str(self.work / "public.pem"), "--out", str(self.flash)])
         assert result.exit_code == 0, result.output
         return True
+
+    def running_creds(self) -> str:
+        conf = parse_bootconf(parse_image(self.flash.read_bytes()).read_file("bootconf.txt")
+                              .decode())
+        return str(conf["WALT_VPN_CREDS"])
+
+
+def read_creds_tar(creds: str) -> dict[str, bytes]:
+    with tarfile.open(fileobj=io.BytesIO(base64.b64decode(creds)), mode="r:gz") as tar:
+        out = {}
+        for member in tar.getmembers():
+            handle = tar.extractfile(member)
+            assert handle is not None
+            out[member.name] = handle.read()
+        return out
 
 
 @needs_busybox
@@ -146,7 +172,11 @@ def test_walt_client_replay(running: Any, server_env: dict[str, Path], tmp_path:
                                        str(server_env["config"])])
     assert result.exit_code == 0, result.output
     assert client.get(CONF + "boot-mode") == b"permissive"
+    creds = client.running_creds()
     assert client.run(3) is True
     conf = parse_bootconf(parse_image(flash.read_bytes()).read_file("bootconf.txt").decode())
-    assert conf["WALT_VPN_BOOT_MODE"] == "permissive"
-    assert conf["WALT_VPN_MAC"] == node.vpn_mac  # same VPN MAC after re-enrollment
+    assert conf["WALT_VPN_BOOT_MODE"] == "permissive" and conf["BOOT_ORDER"] == "0xf127"
+    assert conf["WALT_VPN_MAC"] == node.vpn_mac
+    assert conf["WALT_VPN_CREDS"] == creds  # WalT keeps its key: no second enrollment
+    assert client.paths.count("/walt-vpn/enroll") == 1
+    assert client.run(4) is False
