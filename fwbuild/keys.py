@@ -1,4 +1,5 @@
-"""The two keys of a site: the RSA-2048 boot-signing key and the SSH CA key (ed25519).
+"""The two keys of a site: the RSA-2048 boot-signing key and the SSH CA key (ed25519 when
+fwbuild makes it; an imported WalT CA is ECDSA P-521, and ECDSA P-256/384/521 are taken).
 
 Private keys are written 0600 and never logged.
 """
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from .eeprom.pubkey import encode_pubkey_bin, pubkey_bin_digest
 from .errors import KeyFileError
@@ -22,6 +23,8 @@ BOOT_KEY_NAME = "boot-signing.pem"
 BOOT_PUB_NAME = "boot-signing.pub.pem"
 SSH_CA_NAME = "ssh-ca"
 SSH_CA_PUB_NAME = "ssh-ca.pub"
+SshCaKey = ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey
+CA_CURVES = ("secp256r1", "secp384r1", "secp521r1")
 
 
 @dataclass(frozen=True)
@@ -117,16 +120,33 @@ def load_public_key(path: Path) -> rsa.RSAPublicKey:
     return key
 
 
-def load_ssh_ca(path: Path) -> ed25519.Ed25519PrivateKey:
+def parse_ssh_ca(data: bytes, where: str) -> SshCaKey:
+    """An SSH CA private key: OpenSSH format or PEM (`ssh-keygen -m PEM`), unencrypted,
+    ed25519 or ECDSA P-256/384/521 (WalT's CA: `ssh-keygen -t ecdsa -b 521`)."""
+    key: object
+    try:
+        if b"-----BEGIN OPENSSH PRIVATE KEY-----" in data:
+            key = serialization.load_ssh_private_key(data, password=None)
+        else:
+            key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError):
+        raise KeyFileError("not an unencrypted OpenSSH or PEM private key", where) from None
+    if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name in CA_CURVES:
+        return key
+    if not isinstance(key, ed25519.Ed25519PrivateKey):
+        raise KeyFileError("the SSH CA key must be ed25519 or ECDSA (P-256/384/521)", where)
+    return key
+
+
+def ssh_ca_public_line(ca: SshCaKey) -> bytes:
+    return ca.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                        serialization.PublicFormat.OpenSSH)
+
+
+def load_ssh_ca(path: Path) -> SshCaKey:
     data = _read(path, "SSH CA key")
     check_private_mode(path)
-    try:
-        key = serialization.load_ssh_private_key(data, password=None)
-    except (ValueError, TypeError):
-        raise KeyFileError("not an unencrypted OpenSSH private key", str(path)) from None
-    if not isinstance(key, ed25519.Ed25519PrivateKey):
-        raise KeyFileError("the SSH CA key must be ed25519", str(path))
-    return key
+    return parse_ssh_ca(data, str(path))
 
 
 def check_private_mode(path: Path) -> None:

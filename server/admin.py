@@ -22,6 +22,7 @@ a preflight, so a web page cannot drive the API).
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from typing import Any
 
@@ -118,6 +119,24 @@ class AdminRoutes:
     def status_json(self, request: Request) -> Response:
         """The status page's model: nodes, events, artifact set, problems."""
         return Response.json(status_model(self.service), headers=dict(NO_STORE))
+
+    def walt_net(self, request: Request) -> Response:
+        """Is `?ip=` inside walt-net (the enrollment subnets)? The SSH gate's
+        `check-in-walt-net` asks it with the node's SSH client address. Without `ip`: the
+        subnets only."""
+        subnets = [str(n) for n in self.service.config.enrollment_subnets]
+        if "ip" not in request.query:
+            return Response.json({"subnets": subnets}, headers=dict(NO_STORE))
+        text = request.query["ip"]
+        try:
+            address = str(ipaddress.ip_address(text.split("%", 1)[0]))
+        except ValueError:
+            raise UsageError(f"not an IP address: {text[:45]!r}", "ip",
+                             "GET /api/walt-net?ip=192.168.152.7") from None
+        return Response.json({"address": address,
+                              "inside": self.service.config.in_enrollment_subnets(address),
+                              "subnets": subnets},
+                             headers=dict(NO_STORE))
 
     def healthz(self, request: Request) -> Response:
         """Health: 200 ok, 503 degraded (counts only, no secret)."""

@@ -7,7 +7,10 @@ validity window. The CA private key never leaves this process and is never logge
 
 from __future__ import annotations
 
+import base64
 import fcntl
+import hashlib
+import hmac
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -26,6 +29,7 @@ from cryptography.hazmat.primitives.serialization.ssh import (
 
 from fwbuild.errors import UsageError
 from fwbuild.fsutil import atomic_write
+from fwbuild.keys import SshCaKey
 from fwbuild.nodecreds import (
     CERTIFICATE,
     KNOWN_HOSTS,
@@ -85,7 +89,7 @@ def public_line(key: SSHCertPublicKeyTypes) -> str:
 
 
 def issue_certificate(
-    ca: ed25519.Ed25519PrivateKey,
+    ca: SshCaKey,
     mac12: str,
     serial: int,
     now: int,
@@ -134,10 +138,19 @@ def load_certificate(line: str) -> SSHCertificate:
     return identity
 
 
-def known_hosts(entrypoint: Endpoint, keys: Sequence[HostKey]) -> str:
-    """known_hosts lines for the SSH entrypoint (`[host]:port` form unless port 22)."""
+def known_hosts(entrypoint: Endpoint, keys: Sequence[HostKey], hashed: bool = False) -> str:
+    """known_hosts lines for the SSH entrypoint (`[host]:port` form unless port 22);
+    `hashed`: the host hashed as `ssh-keyscan -H` writes it (`|1|salt|HMAC-SHA1`)."""
     host = entrypoint.host if entrypoint.port == 22 else f"[{entrypoint.host}]:{entrypoint.port}"
-    return "".join(f"{host} {key.line()}\n" for key in keys)
+    lines = []
+    for key in keys:
+        name = host
+        if hashed:
+            salt = os.urandom(20)
+            digest = hmac.new(salt, host.encode("ascii"), hashlib.sha1).digest()
+            name = f"|1|{base64.b64encode(salt).decode()}|{base64.b64encode(digest).decode()}"
+        lines.append(f"{name} {key.line()}\n")
+    return "".join(lines)
 
 
 def build_creds(private_key: str | None, certificate: str, known_hosts_text: str) -> str:

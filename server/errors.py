@@ -15,6 +15,11 @@ class Forbidden(FwbuildError):
     """Known but not allowed: revoked node, secret asked from outside the subnets (HTTP 403)."""
 
 
+class Unbound(Forbidden):
+    """A request from the enrollment subnets whose address is bound to no node (HTTP 403;
+    WalT's property routes answer 400 `Invalid request.`)."""
+
+
 class Conflict(FwbuildError):
     """The request contradicts the state (reused or revoked key) (HTTP 409)."""
 

@@ -9,6 +9,9 @@ the certificate sshd accepted, read from the file sshd names in $SSH_USER_AUTH
   eeprom-digest   print the sha256 hex of the node's expected EEPROM image (+ "\\n")
   eeprom-image    write the node's raw pieeprom.bin (2 MiB) to stdout
   sftp            read-only SFTP confined to the node's own root (server.sftp)
+  check-in-walt-net  WalT's anti-relay check: `OK` when the SSH client address is inside
+                  walt-net (the server's enrollment subnets), else `FAILED -- NOT in walt
+                  network` and exit 1 (a node on a fake "walt" network must use its tunnel)
 
 both EEPROM answers come from the server's admin API on loopback. Anything else (a shell,
 another command) is refused: one `walt-vpn: ...` line on stderr, exit status 1. Exit
@@ -22,11 +25,13 @@ Usage (as sshd runs it):
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shlex
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
@@ -104,6 +109,23 @@ def eeprom_image(admin: str, mac12: str) -> bytes:
     return data
 
 
+def check_in_walt_net(admin: str, environ: Mapping[str, str]) -> bool:
+    """True when the SSH client address ($SSH_CONNECTION, as sshd saw it) is inside walt-net."""
+    words = (environ.get("SSH_CONNECTION") or environ.get("SSH_CLIENT") or "").split()
+    if not words:
+        raise Refused("sshd did not name the client address (SSH_CONNECTION)")
+    url = f"{admin.rstrip('/')}/api/walt-net?ip={urllib.parse.quote(words[0], safe='')}"
+    try:
+        with urllib.request.urlopen(url, timeout=TIMEOUT) as response:
+            answer = json.loads(response.read(65536))
+    except urllib.error.HTTPError as err:
+        raise Unavailable(f"the server answered {err.code} for check-in-walt-net") from None
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        reason = getattr(err, "reason", err)
+        raise Unavailable(f"the server is unreachable ({reason})") from None
+    return isinstance(answer, dict) and answer.get("inside") is True
+
+
 def is_sftp(command: str) -> bool:
     try:
         words = shlex.split(command)
@@ -127,10 +149,15 @@ def run(argv: list[str], environ: Mapping[str, str]) -> int:
     mac12 = node_of(environ)
     command = environ.get("SSH_ORIGINAL_COMMAND")
     if command is None:
-        raise Refused("no shell here; commands: eeprom-digest, eeprom-image, sftp")
+        raise Refused("no shell here; commands: eeprom-digest, eeprom-image, sftp, "
+                      "check-in-walt-net")
     if command.strip() == "eeprom-digest":
         _write_all(1, eeprom_digest(args.admin, mac12))
         return 0
+    if command.strip() == "check-in-walt-net":
+        inside = check_in_walt_net(args.admin, environ)
+        _write_all(1, b"OK\n" if inside else b"FAILED -- NOT in walt network\n")
+        return 0 if inside else REFUSED
     if command.strip() == "eeprom-image":
         _write_all(1, eeprom_image(args.admin, mac12))
         return 0
@@ -150,7 +177,8 @@ def run(argv: list[str], environ: Mapping[str, str]) -> int:
                 log.close()
         return 0
     shown = command.strip().replace("\n", " ")[:60]
-    raise Refused(f"command {shown!r} refused; allowed: eeprom-digest, eeprom-image, sftp")
+    raise Refused(f"command {shown!r} refused; allowed: eeprom-digest, eeprom-image, sftp, "
+                  "check-in-walt-net")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,7 +21,7 @@ from typing import Any
 from fwbuild.errors import RecipeError
 
 from .config import ServerConfig, parse_node_addresses, read_config_file
-from .errors import Forbidden
+from .errors import Forbidden, Unbound
 from .macs import colon_mac, normalise_mac
 
 log = logging.getLogger("fwbuild.server")
@@ -31,7 +31,7 @@ ATF_COM = 0x2  # completed entry
 SIOCGIFADDR = 0x8915
 
 
-def _plain(address: str) -> str:
+def plain_address(address: str) -> str:
     """The canonical text of an address (IPv4-mapped IPv6 -> IPv4, zone dropped)."""
     ip = ipaddress.ip_address(address.split("%", 1)[0])
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
@@ -150,7 +150,7 @@ class NodeBinder:
     def lookup(self, client: str, local: str) -> str | None:
         """mac12 bound to `client`, or None."""
         try:
-            ip = _plain(client)
+            ip = plain_address(client)
         except ValueError:
             return None
         table = self._addresses()
@@ -159,7 +159,7 @@ class NodeBinder:
         if ":" in ip:
             return ip6_lookup(ip)
         try:
-            device = _interface_of(_plain(local))
+            device = _interface_of(plain_address(local))
         except ValueError:
             device = None
         return arp_lookup(ip, device)
@@ -172,7 +172,7 @@ class NodeBinder:
                             hint="connect from the platform network (walt-net)")
         mac12 = self.lookup(client, local)
         if mac12 is None:
-            raise Forbidden(f"no node is bound to address {client} in {self.source()}",
+            raise Unbound(f"no node is bound to address {client} in {self.source()}",
                             hint="the node must fetch its own resources from its own address")
         return mac12
 

@@ -3,9 +3,15 @@
 Node listener (WalT-compatible, under `/walt-vpn/`):
 - public: `server`, `revoked-keys`, `node-conf/` site values, the site's boot image
   `boot/boot.img|boot.sig` (recovery first boot) and each node's `node/<mac>/boot.img|boot.sig`
-  (the HTTP-boot path; a full boot.img fetched by the bound node itself sets its last boot);
-- node (the bound node only): `enroll`, `node-conf/creds|ssh-pubkey-cert|vpn-mac|http-path|
-  boot-mode`, `node/<mac>/pieeprom.bin|pieeprom.sig|eeprom-digest`.
+  and WalT's `per-ip/<a-b-c-d>/boot.img|boot.sig` (the HTTP-boot paths; a full boot.img
+  fetched by the bound node itself sets its last boot); `node-conf/boot-mode` (the bound
+  node's mode, the site default for anyone else);
+- node (the bound node only): `enroll`, `node-conf/creds|ssh-pubkey-cert|vpn-mac|http-path`,
+  `node/<mac>/pieeprom.bin|pieeprom.sig|eeprom-digest`.
+`node-conf/*` answers byte for byte as WalT's httpd (bare values, no trailing newline where
+WalT has none; `vpn-mac`/`ssh-pubkey-cert` empty while the node is not enrolled, 400
+`Invalid request.` for an address bound to no node); `?mac=` keeps working and must name
+the bound node.
 Admin listener (loopback): the status page and `/api/...` (server.admin).
 `/healthz` is public on the node listener (counts only, no secret).
 """
@@ -14,6 +20,7 @@ from __future__ import annotations
 
 import email.parser
 import email.policy
+import ipaddress
 import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
@@ -25,8 +32,9 @@ from fwbuild.errors import UsageError
 from . import admin
 from .artifacts import BOOT_IMG, ArtifactMissing
 from .db import NodeRow
-from .errors import HttpError
-from .identity import NodeBinder, check_claim
+from .errors import Forbidden, HttpError, NotFound
+from .identity import NodeBinder, check_claim, plain_address
+from .macs import colon_mac
 from .nodeimg import http_path
 from .service import Service
 from .web import PROXY_HEADERS, Request, Response, Route
@@ -46,6 +54,8 @@ def parse_form(request: Request) -> dict[str, str]:
         message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
             head + request.body)
         if not message.is_multipart():
+            if b"content-disposition" not in request.body.lower():
+                return {}  # no part at all (`curl -F` with nothing, a bare closing boundary)
             raise UsageError("malformed multipart body", "body")
         for part in message.iter_parts():
             name = part.get_param("name", header="content-disposition")
@@ -129,17 +139,19 @@ class NodeRoutes:
                                   str(self.config.revoked_keys_file)) from None
         return Response.text(text, headers=dict(REVALIDATE))
 
+    # WalT's property answers are bare values, no trailing newline (entrypoints: host, or
+    # host:port for a non-standard port).
     def ssh_entrypoint(self, request: Request) -> Response:
-        return Response.text(self.config.ssh_entrypoint.render(22) + "\n")
+        return Response.text(self.config.ssh_entrypoint.render(22))
 
     def http_entrypoint(self, request: Request) -> Response:
-        return Response.text(self.config.http_entrypoint.render(80) + "\n")
+        return Response.text(self.config.http_entrypoint.render(80))
 
     def public_pem(self, request: Request) -> Response:
         return Response(body=self._public_pem, content_type="application/x-pem-file")
 
     def host_keys(self, request: Request) -> Response:
-        return Response.text(self.service.known_hosts)
+        return Response.text(self.service.hashed_known_hosts)
 
     def ssh_ca_pub(self, request: Request) -> Response:
         line = self.service.ca.public_key().public_bytes(
@@ -167,13 +179,57 @@ class NodeRoutes:
         self.service.booting_node(request.params["mac"])
         return self.site_boot_sig(request)
 
+    def _per_ip_mac(self, request: Request) -> str:
+        """mac12 bound to the `<a-b-c-d>` of a per-ip path (WalT's HTTP_PATH); 404 otherwise."""
+        text = request.params["ip"]
+        parts = text.split("-")
+        if len(parts) != 4 or not all(p.isascii() and p.isdigit() and len(p) <= 3
+                                      and int(p) <= 255 for p in parts):
+            raise NotFound(f"bad per-ip path {text[:40]!r}", hint="walt-vpn/per-ip/<a-b-c-d>/...")
+        address = ".".join(str(int(p)) for p in parts)
+        mac12 = self.binder.lookup(address, request.local)
+        if mac12 is None:
+            raise NotFound(f"no node is bound to address {address} in {self.binder.source()}")
+        return mac12
+
+    def per_ip_boot_img(self, request: Request) -> Response:
+        request.params["mac"] = self._per_ip_mac(request)
+        return self.node_boot_img(request)
+
+    def per_ip_boot_sig(self, request: Request) -> Response:
+        request.params["mac"] = self._per_ip_mac(request)
+        return self.node_boot_sig(request)
+
+    def boot_mode(self, request: Request) -> Response:
+        """This node's mode (its override or the site default), bare as WalT; anyone else
+        (not a node, not enrolled yet) gets the site default, as WalT's global value.
+        `?mac=` must name the node bound to the address (403)."""
+        mac12: str | None
+        if "mac" in request.query:
+            mac12 = self.binder.bind_request(request)
+        else:
+            mac12 = self.binder.lookup(request.client, request.local) \
+                if self.config.in_enrollment_subnets(request.client) and not any(
+                    request.has_header(h) for h in PROXY_HEADERS) else None
+        node = self._known(mac12) if mac12 is not None else None
+        mode = self.service.mode_of(node) if node is not None else self.config.default_boot_mode
+        return Response.text(mode, headers=dict(REVALIDATE))
+
     # -- node (bound) -------------------------------------------------------------------
     def enroll(self, request: Request) -> Response:
+        """WalT's client (multipart, `ssh-pubkey` only, no JSON asked): `OK\\n`; ours
+        (a `mac` field, or `Accept: application/json`): the enrollment as JSON."""
         assert request.bound_mac is not None
         form = parse_form(request)
+        walt = "mac" not in form and request.header("content-type").lower().startswith(
+            "multipart/form-data") and "application/json" not in request.header("accept")
         if "mac" in form:
             check_claim(request.bound_mac, form["mac"], "the form field `mac`")
+        if walt and not form.get("ssh-pubkey", "").strip():
+            raise HttpError(400, "Public key not provided.")
         result = self.service.enroll(request.bound_mac, form.get("ssh-pubkey"), request.client)
+        if walt:
+            return Response.text("OK\n", headers=dict(SECRET_HEADERS))
         return Response.json(result.as_json(), 200 if result.re_enrolled else 201,
                              headers=dict(SECRET_HEADERS))
 
@@ -181,19 +237,38 @@ class NodeRoutes:
         node = self._node(request)
         return Response.text(self.service.creds(node) + "\n", headers=dict(SECRET_HEADERS))
 
+    def _known(self, mac12: str) -> NodeRow | None:
+        """The bound node, None when not enrolled yet (WalT: empty answer), 403 revoked."""
+        try:
+            node = self.service.node(mac12)
+        except NotFound:
+            return None
+        if node.state != "enrolled":
+            raise Forbidden(f"node {colon_mac(node.mac)} is revoked")
+        return node
+
     def cert(self, request: Request) -> Response:
-        node = self._node(request)
-        return Response.text(self.service.current_cert(node).certificate + "\n",
-                             headers=dict(SECRET_HEADERS))
+        """The node's certificate line (as ssh-keygen writes it); empty when not enrolled."""
+        assert request.bound_mac is not None
+        node = self._known(request.bound_mac)
+        text = self.service.current_cert(node).certificate + "\n" if node is not None else ""
+        return Response.text(text, headers=dict(SECRET_HEADERS))
 
     def vpn_mac(self, request: Request) -> Response:
-        return Response.text(self._node(request).vpn_mac + "\n")
+        """Bare VPN MAC; empty 200 when not enrolled (WalT)."""
+        assert request.bound_mac is not None
+        node = self._known(request.bound_mac)
+        return Response.text(node.vpn_mac if node is not None else "",
+                             headers=dict(REVALIDATE))
 
     def http_path(self, request: Request) -> Response:
-        return Response.text(http_path(self._node(request).mac) + "\n")
-
-    def boot_mode(self, request: Request) -> Response:
-        return Response.text(self.service.mode_of(self._node(request)) + "\n")
+        """WalT's `walt-vpn/per-ip/<a-b-c-d>` of the node's IPv4 address (bare); an IPv6
+        node gets its `walt-vpn/node/<mac12>` path."""
+        assert request.bound_mac is not None
+        address = ipaddress.ip_address(plain_address(request.client))
+        if isinstance(address, ipaddress.IPv4Address):
+            return Response.text("walt-vpn/per-ip/" + str(address).replace(".", "-"))
+        return Response.text(http_path(request.bound_mac))
 
     def pieeprom_bin(self, request: Request) -> Response:
         node = self._node(request)
@@ -227,6 +302,7 @@ def build_routes(service: Service, binder: NodeBinder) -> list[Route]:
     a = admin.AdminRoutes(service)
     conf = "/walt-vpn/node-conf/"
     node_file = "/walt-vpn/node/{mac}/"
+    per_ip = "/walt-vpn/per-ip/{ip}/"
     table = [
         # public: anyone; never a secret, never a state write by an unbound client
         Route(GET, _p("/walt-vpn/server"), "public", n.server),
@@ -240,14 +316,17 @@ def build_routes(service: Service, binder: NodeBinder) -> list[Route]:
         Route(GET, _p("/walt-vpn/boot/boot.sig"), "public", n.site_boot_sig),
         Route(GET, _p(node_file + "boot.img"), "public", n.node_boot_img),
         Route(GET, _p(node_file + "boot.sig"), "public", n.node_boot_sig),
+        Route(GET, _p(per_ip + "boot.img"), "public", n.per_ip_boot_img),
+        Route(GET, _p(per_ip + "boot.sig"), "public", n.per_ip_boot_sig),
+        Route(GET, _p(conf + "boot-mode"), "public", n.boot_mode),
         Route(GET, ("healthz",), "public", a.healthz),
         # node: the bound node only
         Route(("POST",), _p("/walt-vpn/enroll"), "node", n.enroll),
         Route(GET, _p(conf + "creds"), "node", n.creds),
-        Route(GET, _p(conf + "ssh-pubkey-cert"), "node", n.cert),
-        Route(GET, _p(conf + "vpn-mac"), "node", n.vpn_mac),
-        Route(GET, _p(conf + "http-path"), "node", n.http_path),
-        Route(GET, _p(conf + "boot-mode"), "node", n.boot_mode),
+        # (WalT's per-node properties: an unbound address on walt-net gets 400)
+        Route(GET, _p(conf + "ssh-pubkey-cert"), "node", n.cert, walt_unbound=True),
+        Route(GET, _p(conf + "vpn-mac"), "node", n.vpn_mac, walt_unbound=True),
+        Route(GET, _p(conf + "http-path"), "node", n.http_path, walt_unbound=True),
         Route(GET, _p(node_file + "pieeprom.bin"), "node", n.pieeprom_bin),
         Route(GET, _p(node_file + "pieeprom.sig"), "node", n.pieeprom_sig),
         Route(GET, _p(node_file + "eeprom-digest"), "node", n.eeprom_digest),
@@ -259,6 +338,7 @@ def build_routes(service: Service, binder: NodeBinder) -> list[Route]:
         Route(GET, ("api", "status"), "admin", a.status_json, "admin"),
         Route(GET, ("api", "nodes"), "admin", a.nodes, "admin"),
         Route(GET, ("api", "artifacts"), "admin", a.artifacts, "admin"),
+        Route(GET, ("api", "walt-net"), "admin", a.walt_net, "admin"),
         Route(GET, ("api", "nodes", "{mac}"), "admin", a.node, "admin"),
         Route(GET, ("api", "nodes", "{mac}", "pieeprom.bin"), "admin", a.pieeprom_bin, "admin"),
         Route(GET, ("api", "nodes", "{mac}", "eeprom-digest"), "admin", a.eeprom_digest, "admin"),

@@ -62,7 +62,7 @@ class Enrollment:
     certificate: str
     http_path: str
     boot_mode: str
-    eeprom_digest: str
+    eeprom_digest: str | None  # None: the node keeps its own key, the server renders no image
     re_enrolled: bool
 
     def as_json(self) -> dict[str, Any]:
@@ -88,6 +88,9 @@ class Service:
             log.info("removed %d stale temporary file(s) from %s", removed,
                      config.state_dir / "eeprom")
         self.known_hosts = known_hosts(config.ssh_entrypoint, config.ssh_host_keys)
+        # node-conf/ssh-entrypoint-host-keys: `ssh-keyscan -H` lines, as WalT serves them
+        self.hashed_known_hosts = known_hosts(config.ssh_entrypoint, config.ssh_host_keys,
+                                              hashed=True)
         self.sync_revoked_keys()
 
     def close(self) -> None:
@@ -177,8 +180,16 @@ class Service:
         return build_creds(cert.private_key, cert.certificate, self.known_hosts)
 
     def node_image(self, node: NodeRow) -> RenderedImage:
-        """The node's expected EEPROM image; records its digest when it changed."""
+        """The node's expected EEPROM image; records its digest when it changed.
+
+        Conflict (409) for a node that enrolled with its own key (WalT's client): the
+        server does not have the private key its WALT_VPN_CREDS must hold."""
         cert = self.current_cert(node)
+        if cert.private_key is None:
+            raise Conflict(f"node {colon_mac(node.mac)} enrolled with its own SSH key: the "
+                           "server cannot render its EEPROM image (it has no private key)",
+                           hint="such a node re-flashes its EEPROM through its own client "
+                                "(WalT's walt-vpn-auto-enroll), from node-conf/* and public.pem")
         values = NodeValues(node.mac, node.vpn_mac, self.mode_of(node), cert.serial,
                             node.eeprom_ts, self.creds(node))
         rendered = self.renderer.render(values)
@@ -268,10 +279,10 @@ class Service:
         if old is not None:
             self.sync_revoked_keys()
         node = self.node(mac12)
-        image = self.node_image(node)
+        digest = self.node_image(node).sha256 if issued.private_key is not None else None
         log.info("enrolled %s as %s (certificate serial %d)", colon_mac(mac12), vmac, serial)
         return Enrollment(colon_mac(mac12), vmac, serial, issued.key_id, issued.certificate,
-                          http_path(mac12), self.mode_of(node), image.sha256, old is not None)
+                          http_path(mac12), self.mode_of(node), digest, old is not None)
 
     def set_mode(self, mac: str, mode: str | None) -> NodeRow:
         """Override a node's boot mode (None: back to the site default); re-renders at once."""
@@ -290,7 +301,7 @@ class Service:
                          (mode, now, node.mac))
             self._event(conn, node.mac, "boot-mode", mode or "default", "admin", now)
         node = self.node(node.mac)
-        if node.state == "enrolled":
+        if node.state == "enrolled" and self.current_cert(node).private_key is not None:
             self.node_image(node)
             node = self.node(node.mac)
         return node

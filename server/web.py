@@ -33,7 +33,7 @@ from fwbuild.errors import FwbuildError
 
 from .artifacts import FileInfo
 from .config import is_loopback
-from .errors import Forbidden, HttpError, NotFound, http_status
+from .errors import Forbidden, HttpError, NotFound, Unbound, http_status
 
 log = logging.getLogger("fwbuild.server.http")
 
@@ -105,6 +105,9 @@ class Route:
     access: str
     handler: Handler
     listener: str = "node"  # which listener serves it: "node" or "admin"
+    # node class, WalT's property routes: an address on the enrollment subnets bound to no
+    # node gets WalT's 400 `Invalid request.` (not 403) unless it claims a `?mac=`
+    walt_unbound: bool = False
 
     def __post_init__(self) -> None:
         if self.access not in ACCESS_CLASSES:
@@ -145,7 +148,8 @@ def prefers_text(headers: list[tuple[str, str]]) -> bool:
 def error_response(status: int, what: str, hint: str | None, text: bool) -> Response:
     if text:
         return Response.text(f"{what}\n" + (f"Hint: {hint}\n" if hint else ""), status)
-    error: dict[str, Any] = {"status": status, "error": what}
+    # `status_code` is WalT's key (`Prefer: errors=json`), `status` the historical one.
+    error: dict[str, Any] = {"status": status, "status_code": status, "error": what}
     if hint:
         error["hint"] = hint
     return Response.json(error, status)
@@ -406,7 +410,12 @@ class WebApp:
                 raise Forbidden(f"node secrets are not served through a proxy (the request "
                                 f"carries {proxied[0]})",
                                 hint="connect directly from the platform network (walt-net)")
-            request.bound_mac = self.binder(request)
+            try:
+                request.bound_mac = self.binder(request)
+            except Unbound:
+                if route.walt_unbound and "mac" not in request.query:
+                    raise HttpError(400, "Invalid request.") from None
+                raise
 
     # -- responses ----------------------------------------------------------------------
     async def _send(self, request: Request, response: Response,

@@ -53,17 +53,17 @@ def test_enroll_then_fetch_everything(running: Any, server_env: dict[str, Path])
 
     assert request(port, "GET", "/walt-vpn/server").text == "walt-server\n"
     assert request(port, "GET", "/walt-vpn/node-conf/ssh-entrypoint").text == \
-        "vpn.example.org:2222\n"
-    assert request(port, "GET", "/walt-vpn/node-conf/http-entrypoint").text == "boot.example.org\n"
-    assert request(port, "GET", "/walt-vpn/node-conf/boot-mode", source=NODE).text == "enforced\n"
+        "vpn.example.org:2222"
+    assert request(port, "GET", "/walt-vpn/node-conf/http-entrypoint").text == "boot.example.org"
+    assert request(port, "GET", "/walt-vpn/node-conf/boot-mode", source=NODE).text == "enforced"
     # Every accepted MAC spelling names the same node.
     for spelling in (MAC12, MAC.upper(), MAC.replace(":", "-")):
         assert request(port, "GET", f"/walt-vpn/node-conf/vpn-mac?mac={spelling}", source=NODE).text == \
-            info["vpn_mac"] + "\n"
+            info["vpn_mac"]
     assert request(port, "GET", f"/walt-vpn/node-conf/http-path?mac={MAC12}", source=NODE).text == \
-        f"walt-vpn/node/{MAC12}\n"
+        "walt-vpn/per-ip/" + NODE.replace(".", "-")
     hostkeys = request(port, "GET", "/walt-vpn/node-conf/ssh-entrypoint-host-keys").text
-    assert hostkeys.startswith("[vpn.example.org]:2222 ssh-ed25519 AAAA")
+    assert hostkeys.startswith("|1|") and " ssh-ed25519 AAAA" in hostkeys
     pem = request(port, "GET", "/walt-vpn/node-conf/public.pem").body
     boot_key = load_boot_key(KeyPaths(server_env["keys"]).boot_key)
     assert serialization.load_pem_public_key(pem).public_bytes(
@@ -148,7 +148,7 @@ def test_node_eeprom_verifies_and_follows_mode(running: Any,
     assert conf2["BOOT_ORDER"] == "0xf127" and conf2["WALT_VPN_BOOT_MODE"] == "permissive"
     assert conf2["ENABLE_SELF_UPDATE"] == "1"
     assert request(port, "GET", f"/walt-vpn/node-conf/boot-mode?mac={MAC12}", source=NODE).text == \
-        "permissive\n"
+        "permissive"
     # Back to the site default (enforced): the digest changes again.
     assert CliRunner().invoke(main, ["nodes", "set-mode", MAC, "default", "--config",
                                      str(server_env["config"])]).exit_code == 0

@@ -117,11 +117,12 @@ def _register() -> None:
         cmd_rootfs,
         cmd_server,
         cmd_virtual,
+        cmd_walt,
         commands_core,
     )
 
     for module in (commands_core, cmd_eeprom, cmd_initramfs, cmd_bootimg, cmd_recovery, cmd_server,
-                   cmd_nodes, cmd_virtual, cmd_rootfs, cmd_completion):
+                   cmd_nodes, cmd_virtual, cmd_rootfs, cmd_walt, cmd_completion):
         for command in module.COMMANDS:
             main.add_command(command)
     _fix_summaries(main)

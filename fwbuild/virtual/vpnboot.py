@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from ..errors import BuildError, ConfigError, FormatError
+from ..keys import SshCaKey
 from ..nodecreds import (
     CERTIFICATE,
     CREDENTIAL_FILES,
@@ -122,7 +123,7 @@ def unpack_credentials(text: str, where: str = "WALT_VPN_CREDS") -> NodeCredenti
     return NodeCredentials(files[PRIVATE_KEY], files[CERTIFICATE], files[KNOWN_HOSTS])
 
 
-def issue_node_credentials(ca: ed25519.Ed25519PrivateKey, key_id: str, known_hosts: str, *,
+def issue_node_credentials(ca: SshCaKey, key_id: str, known_hosts: str, *,
                            principal: str = "walt-vpn", serial: int = 1,
                            valid_after: int = 0, valid_before: int = 2**64 - 1) -> NodeCredentials:
     """A new ed25519 node key and its user certificate signed by the site CA."""
