@@ -50,8 +50,8 @@ def boot_cmd(eeprom: Path, sd: Path | None, timeout: float, marker: str, restart
               default=Path("recipes/virtual.toml"), show_default=True, help="The virtual recipe.")
 @click.option("--out", "out_root", type=click.Path(file_okay=False, path_type=Path), default=Path("out"),
               show_default=True, help="Output root of the build.")
-@click.option("--keys", "keys_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("keys"),
-              show_default=True, help="Site keys (created when missing).")
+@click.option("--keys", "keys_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Site keys, created when missing [default: the recipe's keys.dir, beside it].")
 @click.option("--work", type=click.Path(file_okay=False, path_type=Path), default=Path("out/demo"),
               show_default=True, help="Server state, sshd files, node flash, console logs.")
 @click.option("--mac", default="dc:a6:32:00:00:01", show_default=True, help="The virtual node's Ethernet MAC.")
@@ -59,7 +59,7 @@ def boot_cmd(eeprom: Path, sd: Path | None, timeout: float, marker: str, restart
               help="Seconds for each power-on of the node.")
 @click.option("--json", "as_json", is_flag=True,
               help="End with one JSON object: who enrolled the node, its flashes and its boots.")
-def demo_cmd(recipe: Path, out_root: Path, keys_dir: Path, work: Path, mac: str, timeout: float,
+def demo_cmd(recipe: Path, out_root: Path, keys_dir: Path | None, work: Path, mac: str, timeout: float,
              as_json: bool) -> None:
     """A node's whole life on this machine, with nothing done by the harness.
 
@@ -73,6 +73,13 @@ def demo_cmd(recipe: Path, out_root: Path, keys_dir: Path, work: Path, mac: str,
     import json
 
     from server.virtual_demo import run_demo
+
+    from ..keys import recipe_keys_dir
+    from ..recipe import load_recipe
+
+    if keys_dir is None:  # the same keys `fwbuild build RECIPE` uses
+        parsed = load_recipe(recipe)
+        keys_dir = recipe_keys_dir(parsed.directory, parsed.keys.dir, str(recipe))
 
     def say(line: str) -> None:
         click.echo(f"[demo] {line}", err=as_json)
