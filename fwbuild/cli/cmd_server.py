@@ -87,20 +87,28 @@ def _server_endpoint(text: str | None, config_path: Path, default_port: int | No
 @click.option("--nginx", "kind", flag_value="nginx", help="nginx `location` block.")
 @click.option("--haproxy", "kind", flag_value="haproxy", help="HAProxy frontend + backend.")
 @click.option("--apache", "kind", flag_value="apache", help="Apache VirtualHost (mod_proxy).")
-@click.option("--server", "server_text", metavar="HOST[:PORT]",
-              help="The fwbuild server (default: hostname and port from --config).")
+@click.option("--server", "server_texts", metavar="HOST[:PORT]", multiple=True,
+              help="A fwbuild server; repeat for several sharing one PostgreSQL state "
+                   "(default: hostname and port from --config).")
 @click.option("--listen-port", type=int, default=80, show_default=True,
               help="Port the proxy listens on.")
 @config_option
-def entrypoint_http(kind: str | None, server_text: str | None, listen_port: int,
+def entrypoint_http(kind: str | None, server_texts: tuple[str, ...], listen_port: int,
                     config_path: Path) -> None:
-    """Print the reverse-proxy config forwarding /walt-vpn/ to this server."""
-    from server.entrypoints import http_entrypoint_config
+    """Print the reverse-proxy config forwarding /walt-vpn/ to this server (nginx: with
+    the boot image cache by digest, sized by [entrypoints] http_cache_* in the config)."""
+    from server.config import load_config
+    from server.entrypoints import HttpCache, http_entrypoint_config
 
     if kind is None:
         raise click.UsageError("choose one of --nginx, --haproxy, --apache")
-    click.echo(http_entrypoint_config(kind, _server_endpoint(server_text, config_path, None),
-                                      listen_port), nl=False)
+    servers = tuple(_server_endpoint(t, config_path, None) for t in server_texts) or (
+        _server_endpoint(None, config_path, None),)
+    cache = None
+    if kind == "nginx":
+        config = load_config(config_path)
+        cache = HttpCache(config.http_cache_dir, config.http_cache_max_size)
+    click.echo(http_entrypoint_config(kind, servers, listen_port, cache), nl=False)
 
 
 @entrypoint_group.command("ssh")
