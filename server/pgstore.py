@@ -46,7 +46,16 @@ class PgConnection:
         self.raw = raw
 
     def execute(self, sql: str, parameters: Sequence[Any] = (), /) -> Any:
-        return self.raw.execute(_sql(sql), tuple(parameters))
+        import psycopg
+        try:
+            return self.raw.execute(_sql(sql), tuple(parameters))
+        except psycopg.OperationalError as exc:
+            if not self.broken:
+                raise
+            # the server went away (restart, network): the pool drops this connection
+            raise StateError(f"lost the state database connection: "
+                             f"{str(exc).strip()[:200]}", "server.database",
+                             "the request can be retried; check that PostgreSQL runs") from None
 
     @property
     def in_transaction(self) -> bool:

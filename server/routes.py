@@ -14,6 +14,9 @@ WalT has none; `vpn-mac`/`ssh-pubkey-cert` empty while the node is not enrolled,
 the bound node.
 Admin listener (loopback): the status page and `/api/...` (server.admin).
 `/healthz` is public on the node listener (counts only, no secret).
+Artifacts by content (public, immutable): `by-digest/<sha256>/boot.img|boot.sig`; and
+`entrypoint-auth`, the HTTP entrypoint's authorization sub-request for a per-node boot
+path (nginx `auth_request`; X-Real-IP believed only from `[entrypoints] http_trusted`).
 """
 
 from __future__ import annotations
