@@ -448,9 +448,10 @@ def parse_config(data: Mapping[str, Any], base_dir: Path) -> ServerConfig:
         events_max_count=max_count,
         database_url=_database_url(srv),
         http_trusted=_trusted(ent),
-        http_cache_dir=_plain(_get(ent, "http_cache_dir", str, "entrypoints.",
+        http_cache_dir=clean_path(_get(ent, "http_cache_dir", str, "entrypoints.",
                                    "/var/cache/nginx/fwbuild"), "entrypoints.http_cache_dir"),
-        http_cache_max_size=_size(_get(ent, "http_cache_max_size", str, "entrypoints.", "20g")),
+        http_cache_max_size=nginx_size(_get(ent, "http_cache_max_size", str, "entrypoints.",
+                                            "20g")),
     )
 
 
@@ -479,16 +480,16 @@ def _trusted(ent: Mapping[str, Any]) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _plain(text: str, where: str) -> str:
+def clean_path(text: str, where: str) -> str:
     if not re.fullmatch(r"/[A-Za-z0-9._/-]*", text) or "/../" in text + "/":
         raise RecipeError(f"{text[:60]!r} is not a clean absolute path", where,
                           "letters, digits, `.`, `_`, `-` and `/`")
     return text
 
 
-def _size(text: str) -> str:
+def nginx_size(text: str, where: str = "entrypoints.http_cache_max_size") -> str:
     if not re.fullmatch(r"[1-9][0-9]{0,8}[kmg]?", text):
-        raise RecipeError(f"bad cache size {text[:20]!r}", "entrypoints.http_cache_max_size",
+        raise RecipeError(f"bad cache size {text[:20]!r}", where,
                           "a number with k, m or g (nginx sizes), e.g. 20g")
     return text
 

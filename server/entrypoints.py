@@ -132,7 +132,11 @@ def http_entrypoint_config(kind: str, server: Endpoint | tuple[Endpoint, ...],
     if kind == "nginx":
         return header + _nginx(servers, listen_port, cache or HttpCache())
     if kind == "haproxy":
-        return header + f"""frontend walt_vpn_http
+        backends = "".join(f"    server fwbuild{i + 1} {s.render(-1)} check\n"
+                           for i, s in enumerate(servers)) if len(servers) > 1 else \
+            f"    server fwbuild {target}\n"
+        return header + f"""# (no boot image cache here: `--nginx` prints the entrypoint that caches by digest)
+frontend walt_vpn_http
     bind :{listen_port}
     mode http
     timeout client 300s
@@ -145,9 +149,11 @@ backend fwbuild_server
     timeout connect 10s
     timeout server 300s
     option forwardfor
-    server fwbuild {target}
-"""
+{backends}"""
     if kind == "apache":
+        if len(servers) > 1:
+            raise UsageError("the apache config forwards to one server", "--server",
+                             "give one --server, or use --nginx or --haproxy for several")
         return header + f"""# Needs: a2enmod proxy proxy_http
 <VirtualHost *:{listen_port}>
     ProxyRequests Off

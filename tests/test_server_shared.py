@@ -437,3 +437,48 @@ def test_x_real_ip_trusted_only_from_configured_entrypoints(site: dict[str, Any]
     assert listed.exit_code == 0, listed.output
     assert [n["mac"] for n in json.loads(listed.output)] == [
         ":".join(mac[i:i + 2] for i in range(0, 12, 2))]
+
+
+def test_entrypoint_http_nginx_command_passes_nginx_t(tmp_path: Path,
+                                                     session_keys: Path) -> None:
+    """`fwbuild entrypoint http --nginx` prints a conf.d file nginx accepts; the cache
+    settings come from the config (bad ones: one message, exit 2)."""
+    from click.testing import CliRunner
+
+    from fwbuild.cli import main
+    from fwbuild.virtual.sharedsite import nginx_binary, write_config
+
+    config = write_config(tmp_path / "server.toml", artifacts=make_artifacts(tmp_path / "out"),
+                          state=tmp_path / "state", keys=copy_keys(session_keys, tmp_path / "k"),
+                          port=0, admin_port=0, node_addresses=write_node_addresses(
+                              tmp_path / "n.txt", bound_test_macs(4)), database=None)
+    text = config.read_text().replace(
+        "[entrypoints]\n", f'[entrypoints]\nhttp_cache_dir = "{tmp_path}/cache"\n'
+                           'http_cache_max_size = "3g"\n')
+    config.write_text(text)
+    result = CliRunner().invoke(main, ["entrypoint", "http", "--nginx", "--server",
+                                       "127.0.0.1:8080", "--server", "127.0.0.2:8080",
+                                       "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert f"proxy_cache_path {tmp_path}/cache " in out and "max_size=3g" in out
+    assert "proxy_cache_key $fwbuild_object;" in out and "auth_request /_fwbuild_auth;" in out
+    assert "server 127.0.0.1:8080;" in out and "server 127.0.0.2:8080;" in out
+    binary = nginx_binary()
+    if binary is not None:
+        prefix = tmp_path / "nginx"
+        prefix.mkdir()
+        (prefix / "site.conf").write_text(out)
+        (prefix / "nginx.conf").write_text(
+            f"pid {prefix}/pid;\nerror_log {prefix}/error.log;\nevents {{}}\n"
+            f"http {{ include {prefix}/site.conf; }}\n")
+        checked = subprocess.run([binary, "-t", "-p", str(prefix), "-c",
+                                  str(prefix / "nginx.conf")], capture_output=True, text=True,
+                                 check=False)
+        assert checked.returncode == 0, checked.stderr
+    config.write_text(text.replace('"3g"', '"3 gigabytes"'))
+    bad = CliRunner().invoke(main, ["entrypoint", "http", "--nginx", "--config", str(config)])
+    assert bad.exit_code == 2 and "http_cache_max_size" in bad.output
+    config.write_text(text.replace("http_trusted = [", 'http_trusted = ["nginx.local", '))
+    bad = CliRunner().invoke(main, ["entrypoint", "http", "--nginx", "--config", str(config)])
+    assert bad.exit_code == 2 and "http_trusted[0]" in bad.output

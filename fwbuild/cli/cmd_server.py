@@ -92,12 +92,19 @@ def _server_endpoint(text: str | None, config_path: Path, default_port: int | No
                    "(default: hostname and port from --config).")
 @click.option("--listen-port", type=int, default=80, show_default=True,
               help="Port the proxy listens on.")
+@click.option("--cache-dir", metavar="DIR",
+              help="nginx: the boot image cache directory (default: [entrypoints] "
+                   "http_cache_dir of --config).")
+@click.option("--cache-max-size", metavar="SIZE",
+              help="nginx: the cache's max_size, e.g. 20g (default: [entrypoints] "
+                   "http_cache_max_size of --config).")
 @config_option
 def entrypoint_http(kind: str | None, server_texts: tuple[str, ...], listen_port: int,
+                    cache_dir: str | None, cache_max_size: str | None,
                     config_path: Path) -> None:
     """Print the reverse-proxy config forwarding /walt-vpn/ to this server (nginx: with
     the boot image cache by digest, sized by [entrypoints] http_cache_* in the config)."""
-    from server.config import load_config
+    from server.config import clean_path, load_config, nginx_size
     from server.entrypoints import HttpCache, http_entrypoint_config
 
     if kind is None:
@@ -106,8 +113,12 @@ def entrypoint_http(kind: str | None, server_texts: tuple[str, ...], listen_port
         _server_endpoint(None, config_path, None),)
     cache = None
     if kind == "nginx":
-        config = load_config(config_path)
-        cache = HttpCache(config.http_cache_dir, config.http_cache_max_size)
+        if cache_dir is None or cache_max_size is None or not server_texts:
+            config = load_config(config_path)
+            cache_dir = cache_dir or config.http_cache_dir
+            cache_max_size = cache_max_size or config.http_cache_max_size
+        cache = HttpCache(clean_path(cache_dir, "--cache-dir"),
+                          nginx_size(cache_max_size, "--cache-max-size"))
     click.echo(http_entrypoint_config(kind, servers, listen_port, cache), nl=False)
 
 
