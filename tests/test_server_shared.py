@@ -356,9 +356,17 @@ def _nginx_config(instances: list[Instance], listen: str, cache_dir: Path) -> st
                                   listen, HttpCache(str(cache_dir), "1g"))
 
 
-def _server_fetches(instances: list[Instance], needle: str) -> int:
-    return sum(line.count(needle) for i in instances
-               for line in i.log.read_text(errors="replace").splitlines() if '" 200 ' in line)
+def _server_fetches(instances: list[Instance], needle: str, least: int = 0) -> int:
+    """Whole responses the servers logged for `needle` (a server logs just after the
+    response went out: wait, with a generous ceiling, until at least `least`)."""
+    deadline = time.monotonic() + 30
+    while True:
+        count = sum(line.count(needle) for i in instances
+                    for line in i.log.read_text(errors="replace").splitlines()
+                    if '" 200 ' in line)
+        if count >= least or time.monotonic() > deadline:
+            return count
+        time.sleep(0.1)
 
 
 @pytest.mark.slow
@@ -387,8 +395,8 @@ def test_nginx_entrypoint_serves_boot_paths_from_its_cache(site: dict[str, Any])
         assert per_ip.status == 200 and per_ip.body == boot
         assert per_ip.headers["x-cache-status"] == "HIT"
         # one boot.img and one boot.sig crossed from the servers, by digest
-        assert _server_fetches([a, b], f"/walt-vpn/by-digest/{digest}/boot.img") == 1
-        assert _server_fetches([a, b], f"/walt-vpn/by-digest/{digest}/boot.sig") == 1
+        assert _server_fetches([a, b], f"/walt-vpn/by-digest/{digest}/boot.img", 1) == 1
+        assert _server_fetches([a, b], f"/walt-vpn/by-digest/{digest}/boot.sig", 1) == 1
         assert statuses.count("MISS") == 2
         # the digest URL is immutable at the server
         direct = request(b.port, "GET", f"/walt-vpn/by-digest/{digest}/boot.img")
@@ -399,6 +407,15 @@ def test_nginx_entrypoint_serves_boot_paths_from_its_cache(site: dict[str, Any])
         assert request(port, "GET", f"/walt-vpn/node/{macs[1]}/boot.img").status == 403
         assert request(port, "GET", f"/walt-vpn/node/{bound_test_macs(200)[150]}/boot.img"
                        ).status == 404
+        # ranges and conditional requests are answered from the cache too
+        fetched = _server_fetches([a, b], f"/walt-vpn/by-digest/{digest}/boot.img")
+        path = f"/walt-vpn/node/{macs[2]}/boot.img"
+        part = request(port, "GET", path, headers={"Range": "bytes=1000-1999"})
+        assert part.status == 206 and part.body == boot[1000:2000]
+        etag = per_ip.headers["etag"]
+        assert etag == f'"{digest}"'
+        assert request(port, "GET", path, headers={"If-None-Match": etag}).status == 304
+        assert _server_fetches([a, b], f"/walt-vpn/by-digest/{digest}/boot.img") == fetched
         # other paths pass through unchanged
         assert request(port, "GET", "/walt-vpn/server").text == "walt-server\n"
         # boot events: only the node's real address, reported by the trusted entrypoint
