@@ -69,7 +69,7 @@ class PgConnection:
                     == TransactionStatus.UNKNOWN)
 
 
-def _redact(url: str) -> str:
+def redact_url(url: str) -> str:
     """The URL without its password (for messages)."""
     head, sep, tail = url.rpartition("@")
     if not sep:
@@ -106,7 +106,7 @@ class PgDatabase:
         except psycopg.Error as exc:
             raise StateError(f"cannot connect to the state database: "
                              f"{str(exc).strip().splitlines()[0] if str(exc).strip() else exc}",
-                             _redact(self.url),
+                             redact_url(self.url),
                              "check server.database and that PostgreSQL runs") from None
 
     @contextlib.contextmanager
@@ -165,7 +165,7 @@ class PgDatabase:
         current = conn.execute("SELECT max(version) FROM schema_version").fetchone()[0] or 0
         if current > SCHEMA_VERSION:
             raise StateError(f"state database has schema version {current}, this server "
-                             f"knows up to {SCHEMA_VERSION}", _redact(self.url),
+                             f"knows up to {SCHEMA_VERSION}", redact_url(self.url),
                              "run a newer fwbuild, or restore a backup")
         for version, script in MIGRATIONS:
             if version > current:

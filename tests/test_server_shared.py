@@ -244,6 +244,7 @@ LogLevel VERBOSE
     mac12 = bound_test_macs(1)[0]
     assert enroll(b.port, mac12).status == 201
     files = _node_files(b.port, mac12, tmp / "node")
+    assert (b.state / "eeprom" / mac12).is_dir()
     os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
     with open(tmp / "sshd.log", "wb") as log:
         sshd = subprocess.Popen([SSHD, "-D", "-e", "-f", str(sshd_config)], stdout=log,
@@ -269,6 +270,11 @@ LogLevel VERBOSE
                 time.sleep(0.1)
             assert "Permission denied" in refused.stderr
             assert len(keys()) == 1
+            # b's rendered image of the node (made when it fetched pieeprom.bin) goes too
+            cached = b.state / "eeprom" / mac12
+            while cached.exists():
+                assert time.monotonic() < deadline + 25, "b keeps the revoked node's image"
+                time.sleep(0.1)
         finally:
             sshd.terminate()
             sshd.wait(10)
@@ -454,6 +460,9 @@ def test_x_real_ip_trusted_only_from_configured_entrypoints(site: dict[str, Any]
     assert listed.exit_code == 0, listed.output
     assert [n["mac"] for n in json.loads(listed.output)] == [
         ":".join(mac[i:i + 2] for i in range(0, 12, 2))]
+    checked = CliRunner().invoke(main, ["serve", "--check", "--config", str(a.config)])
+    assert checked.exit_code == 0, checked.output
+    assert "(database postgresql://postgres@127.0.0.1:" in checked.output
 
 
 def test_entrypoint_http_nginx_command_passes_nginx_t(tmp_path: Path,

@@ -51,12 +51,15 @@ def serve(config_path: Path, log_level: str, check: bool) -> None:
 
     config = load_config(config_path)
     if check:
+        from server.pgstore import redact_url
+        database = f" (database {redact_url(config.database_url)})" if config.database_url \
+            else ""
         with _service(config_path) as service:
             service.check_artifacts()
             virtual = " (virtual recipe: synthetic EEPROM base)" if \
                 service.artifacts.is_virtual() else ""
         click.echo(f"{config_path}: OK; artifacts {config.artifacts}{virtual}; "
-                   f"state {config.state_dir}; node binding "
+                   f"state {config.state_dir}{database}; node binding "
                    f"{config.node_addresses_file or 'kernel neighbour table'}")
         return
     logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
