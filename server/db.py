@@ -294,7 +294,7 @@ def note_change(conn: Conn) -> None:
     """Bump the change counter (inside the write transaction); PostgreSQL also notifies the
     listening instances at commit."""
     next_counter(conn, CHANGES)
-    if type(conn).__name__ == "PgConnection":
+    if getattr(conn, "dialect", "sqlite") == "postgresql":
         conn.execute("SELECT pg_notify('fwbuild_changes', '')")
 
 

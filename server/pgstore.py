@@ -42,6 +42,8 @@ def _sql(sql: str) -> str:
 class PgConnection:
     """A psycopg connection (autocommit; transactions are explicit) speaking `?` SQL."""
 
+    dialect = "postgresql"
+
     def __init__(self, raw: Any) -> None:
         self.raw = raw
 

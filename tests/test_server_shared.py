@@ -141,6 +141,54 @@ def test_bad_database_url_is_one_message(tmp_path: Path, session_keys: Path) -> 
     assert result.exit_code == 2 and "server.database" in result.output
 
 
+def test_every_service_operation_on_postgresql(tmp_path: Path, session_keys: Path,
+                                               cluster: Any) -> None:
+    """The one SQL code path: what the server and `fwbuild nodes` do, on PostgreSQL."""
+    from fwbuild.virtual.sharedsite import write_config
+    from server.config import load_config
+    from server.db import prune_events
+    from server.errors import Conflict, Forbidden
+    from server.service import Service
+
+    url = cluster.create_database("operations")
+    config = load_config(write_config(
+        tmp_path / "server.toml", artifacts=make_artifacts(tmp_path / "out"),
+        state=tmp_path / "state", keys=copy_keys(session_keys, tmp_path / "k"), port=0,
+        admin_port=0, node_addresses=write_node_addresses(tmp_path / "n.txt",
+                                                          bound_test_macs(4)), database=url))
+    service = Service(config)
+    try:
+        first, second = bound_test_macs(2)[:2]
+        assert service.enroll(first).serial == 1
+        assert service.enroll(second).vpn_mac != service.node(first).vpn_mac
+        again = service.enroll(first)  # re-enrollment: new certificate, the old one revoked
+        assert again.re_enrolled and again.serial == 3
+        assert "revoked" not in service.node(first).state
+        service.set_label(first, "rack-1")
+        assert service.find("rack-1").mac == first
+        with pytest.raises(Conflict):
+            service.set_label(second, "rack-1")
+        node = service.set_mode(first, "permissive")
+        assert node.boot_mode == "permissive" and node.eeprom_digest is not None
+        service.revoke(second)
+        with pytest.raises(Forbidden):
+            service.booting_node(second)
+        with pytest.raises(Forbidden):
+            service.enroll(second)
+        revoked = [line for line in config.revoked_keys_file.read_text().splitlines()
+                   if line and not line.startswith("#")]
+        assert len(revoked) == 2  # first's old certificate and second's
+        service.forget(second)
+        assert service.enroll(second).serial == 4
+        described = service.describe(service.node(first), events=10)
+        assert [c["serial"] for c in described["certificates"]] == [1, 3]
+        with service.db.transaction() as conn:
+            assert prune_events(conn, 2**40, 100) >= 1  # all older than "now" go
+        assert service.db.integrity_check() == "ok"
+    finally:
+        service.close()
+
+
 @pytest.mark.slow
 def test_200_enrollments_over_two_instances(site: dict[str, Any]) -> None:
     from cryptography.hazmat.primitives.serialization import ssh
