@@ -21,6 +21,8 @@ node_addresses = "nodes.txt"    # optional `MAC IP` lines binding walt-net addre
                                 # (default: the kernel neighbour table of the interface)
 events_max_age_days = 365       # events older than this are pruned
 events_max_count = 100000       # and at most this many are kept
+database = "postgresql://fwbuild@/fwbuild"   # optional: state in PostgreSQL, shared by
+                                # several servers (default: SQLite in state_dir)
 
 [entrypoints]
 http = "vpn.example.org"        # host[:port] the nodes fetch boot.img from (HTTP_HOST/HTTP_PORT)
@@ -29,6 +31,10 @@ ssh_host_keys_file = "entrypoint.keys"       # `ssh-keyscan` output or `keytype 
 ssh_host_keys = ["ssh-ed25519 AAAA..."]      # and/or inline
 proxy_jump = "user@jump:22"     # optional WALT_VPN_PROXY_JUMP
 http_proxy = "proxy:3128"       # optional WALT_VPN_HTTP_PROXY
+http_trusted = ["10.0.0.5"]     # HTTP entrypoints (nginx) whose X-Real-IP the boot-path
+                                # authorization trusts (never a client's own header)
+http_cache_dir = "/var/cache/nginx/fwbuild"  # the entrypoint's boot image cache
+http_cache_max_size = "20g"     # (nginx sizes: k, m, g)
 
 [admin]
 listen = "127.0.0.1"            # loopback only
@@ -116,6 +122,10 @@ class ServerConfig:
     node_addresses_file: Path | None = None
     events_max_age_days: int = 365
     events_max_count: int = 100_000
+    database_url: str | None = None  # PostgreSQL conninfo URL (None: SQLite in state_dir)
+    http_trusted: tuple[str, ...] = ()  # entrypoint addresses whose X-Real-IP is trusted
+    http_cache_dir: str = "/var/cache/nginx/fwbuild"
+    http_cache_max_size: str = "20g"
 
     @property
     def database(self) -> Path:
@@ -138,10 +148,12 @@ _SCHEMA: dict[str, dict[str, bool]] = {
         "keys_dir": True, "default_boot_mode": False, "enrollment_subnets": True,
         "node_root": True, "cert_validity_days": False, "revoked_keys_file": False,
         "node_addresses": False, "events_max_age_days": False, "events_max_count": False,
+        "database": False,
     },
     "entrypoints": {
         "http": True, "ssh": True, "ssh_host_keys_file": False, "ssh_host_keys": False,
-        "proxy_jump": False, "http_proxy": False,
+        "proxy_jump": False, "http_proxy": False, "http_trusted": False,
+        "http_cache_dir": False, "http_cache_max_size": False,
     },
     "admin": {"listen": False, "port": False},
 }
@@ -434,7 +446,52 @@ def parse_config(data: Mapping[str, Any], base_dir: Path) -> ServerConfig:
         node_addresses_file=addresses_file,
         events_max_age_days=max_age,
         events_max_count=max_count,
+        database_url=_database_url(srv),
+        http_trusted=_trusted(ent),
+        http_cache_dir=clean_path(_get(ent, "http_cache_dir", str, "entrypoints.",
+                                   "/var/cache/nginx/fwbuild"), "entrypoints.http_cache_dir"),
+        http_cache_max_size=nginx_size(_get(ent, "http_cache_max_size", str, "entrypoints.",
+                                            "20g")),
     )
+
+
+def _database_url(srv: Mapping[str, Any]) -> str | None:
+    url = _get(srv, "database", str, "server.")
+    if url is None:
+        return None
+    if not url.startswith(("postgresql://", "postgres://")) or any(
+            c in url for c in "\x00\n\r"):
+        raise RecipeError("server.database must be a PostgreSQL URL", "server.database",
+                          "e.g. postgresql://fwbuild@db.example.org/fwbuild (leave it out for "
+                          "the embedded SQLite database in state_dir)")
+    return str(url)
+
+
+def _trusted(ent: Mapping[str, Any]) -> tuple[str, ...]:
+    value = _get(ent, "http_trusted", list, "entrypoints.", [])
+    out = []
+    for i, text in enumerate(value):
+        try:
+            out.append(str(ipaddress.ip_address(text)))
+        except ValueError:
+            raise RecipeError(f"{str(text)[:40]!r} is not an IP address",
+                              f"entrypoints.http_trusted[{i}]",
+                              "list the addresses the HTTP entrypoints connect from") from None
+    return tuple(out)
+
+
+def clean_path(text: str, where: str) -> str:
+    if not re.fullmatch(r"/[A-Za-z0-9._/-]*", text) or "/../" in text + "/":
+        raise RecipeError(f"{text[:60]!r} is not a clean absolute path", where,
+                          "letters, digits, `.`, `_`, `-` and `/`")
+    return text
+
+
+def nginx_size(text: str, where: str = "entrypoints.http_cache_max_size") -> str:
+    if not re.fullmatch(r"[1-9][0-9]{0,8}[kmg]?", text):
+        raise RecipeError(f"bad cache size {text[:20]!r}", where,
+                          "a number with k, m or g (nginx sizes), e.g. 20g")
+    return text
 
 
 def _http_entrypoint(text: str) -> Endpoint:

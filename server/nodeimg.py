@@ -174,6 +174,12 @@ class NodeImageRenderer:
                 except FileNotFoundError:
                     pass
 
+    def cached_macs(self) -> set[str]:
+        """The nodes with a rendered image on disk."""
+        if not self._dir.is_dir():
+            return set()
+        return {p.name for p in self._dir.iterdir() if p.is_dir()}
+
     def forget(self, mac12: str) -> None:
         directory = self._dir / mac12
         if directory.is_dir():

@@ -32,11 +32,12 @@ def _service(config_path: Path) -> Iterator[Any]:
     """The server's core on its state database; without a database (no node ever
     enrolled) an error, and nothing is created."""
     from server.config import load_config
+    from server.db import state_exists
     from server.errors import NotFound
     from server.service import Service
 
     config = load_config(config_path)
-    if not config.database.exists():
+    if not state_exists(config):
         raise NotFound("no node enrolled yet: the state database does not exist",
                        str(config.database), "nodes enroll on their first boot; check "
                        "[server] state_dir in the config")
@@ -95,9 +96,10 @@ def nodes_group() -> None:
 def nodes_list(config_path: Path, as_json: bool) -> None:
     """One line per node: name, MAC, state, boot mode, last boot (UTC), EEPROM status."""
     from server.config import load_config
+    from server.db import state_exists
 
     config = load_config(config_path)
-    if not config.database.exists():  # a read never creates the state directory
+    if not state_exists(config):  # a read never creates the state directory
         if as_json:
             emit_json([])
         else:

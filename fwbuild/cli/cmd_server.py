@@ -51,12 +51,15 @@ def serve(config_path: Path, log_level: str, check: bool) -> None:
 
     config = load_config(config_path)
     if check:
+        from server.pgstore import redact_url
+        database = f" (database {redact_url(config.database_url)})" if config.database_url \
+            else ""
         with _service(config_path) as service:
             service.check_artifacts()
             virtual = " (virtual recipe: synthetic EEPROM base)" if \
                 service.artifacts.is_virtual() else ""
         click.echo(f"{config_path}: OK; artifacts {config.artifacts}{virtual}; "
-                   f"state {config.state_dir}; node binding "
+                   f"state {config.state_dir}{database}; node binding "
                    f"{config.node_addresses_file or 'kernel neighbour table'}")
         return
     logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
@@ -87,20 +90,39 @@ def _server_endpoint(text: str | None, config_path: Path, default_port: int | No
 @click.option("--nginx", "kind", flag_value="nginx", help="nginx `location` block.")
 @click.option("--haproxy", "kind", flag_value="haproxy", help="HAProxy frontend + backend.")
 @click.option("--apache", "kind", flag_value="apache", help="Apache VirtualHost (mod_proxy).")
-@click.option("--server", "server_text", metavar="HOST[:PORT]",
-              help="The fwbuild server (default: hostname and port from --config).")
+@click.option("--server", "server_texts", metavar="HOST[:PORT]", multiple=True,
+              help="A fwbuild server; repeat for several sharing one PostgreSQL state "
+                   "(default: hostname and port from --config).")
 @click.option("--listen-port", type=int, default=80, show_default=True,
               help="Port the proxy listens on.")
+@click.option("--cache-dir", metavar="DIR",
+              help="nginx: the boot image cache directory (default: [entrypoints] "
+                   "http_cache_dir of --config).")
+@click.option("--cache-max-size", metavar="SIZE",
+              help="nginx: the cache's max_size, e.g. 20g (default: [entrypoints] "
+                   "http_cache_max_size of --config).")
 @config_option
-def entrypoint_http(kind: str | None, server_text: str | None, listen_port: int,
+def entrypoint_http(kind: str | None, server_texts: tuple[str, ...], listen_port: int,
+                    cache_dir: str | None, cache_max_size: str | None,
                     config_path: Path) -> None:
-    """Print the reverse-proxy config forwarding /walt-vpn/ to this server."""
-    from server.entrypoints import http_entrypoint_config
+    """Print the reverse-proxy config forwarding /walt-vpn/ to this server (nginx: with
+    the boot image cache by digest, sized by [entrypoints] http_cache_* in the config)."""
+    from server.config import clean_path, load_config, nginx_size
+    from server.entrypoints import HttpCache, http_entrypoint_config
 
     if kind is None:
         raise click.UsageError("choose one of --nginx, --haproxy, --apache")
-    click.echo(http_entrypoint_config(kind, _server_endpoint(server_text, config_path, None),
-                                      listen_port), nl=False)
+    servers = tuple(_server_endpoint(t, config_path, None) for t in server_texts) or (
+        _server_endpoint(None, config_path, None),)
+    cache = None
+    if kind == "nginx":
+        if cache_dir is None or cache_max_size is None or not server_texts:
+            config = load_config(config_path)
+            cache_dir = cache_dir or config.http_cache_dir
+            cache_max_size = cache_max_size or config.http_cache_max_size
+        cache = HttpCache(clean_path(cache_dir, "--cache-dir"),
+                          nginx_size(cache_max_size, "--cache-max-size"))
+    click.echo(http_entrypoint_config(kind, servers, listen_port, cache), nl=False)
 
 
 @entrypoint_group.command("ssh")
