@@ -27,9 +27,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from fwbuild.build import build
+from fwbuild.cache import Cache
 from fwbuild.keys import init_keys
 from fwbuild.recipe import load_recipe
-from fwbuild.sources import Cache
 from server.virtual_demo import FLASHED
 from server.virtual_site import SiteOptions, VirtualSite
 

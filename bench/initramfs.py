@@ -22,9 +22,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from fwbuild.cache import Cache
 from fwbuild.initramfs.builder import InitramfsResult, InitramfsSpec, build_initramfs
 from fwbuild.initramfs.cpio import compress, decompress, read_cpio
-from fwbuild.sources import Cache
 
 KERNEL = "linux-image-cloud-arm64"
 MODULES = ("qemu_fw_cfg", "virtio_pci", "virtio_net", "fuse", "overlay", "tun", "loop")

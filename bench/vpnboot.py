@@ -41,12 +41,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from fwbuild.build import build
+from fwbuild.cache import Cache
 from fwbuild.initramfs.builder import stage_kernel
 from fwbuild.keys import BOOT_PUB_NAME, init_keys, load_public_key
 from fwbuild.recipe import load_recipe
 from fwbuild.rootfs.debian import MARKER, ROOT_INIT_LINE, build_debian_root
 from fwbuild.sign import parse_sig, verify_sig
-from fwbuild.sources import Cache
 from fwbuild.virtual.netmodel import NetRelay, Profile, parse_profile
 from fwbuild.virtual.refboot import BootRun, boot_image
 from fwbuild.virtual.workingset import (

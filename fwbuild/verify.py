@@ -13,8 +13,8 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from .build import MANIFEST
 from .errors import FormatError, SignatureError
+from .layout import MANIFEST
 from .sign import parse_sig, verify_sig
 
 

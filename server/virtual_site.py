@@ -35,13 +35,13 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
+from fwbuild.cache import Cache
 from fwbuild.eeprom.bootconf import parse_bootconf
 from fwbuild.eeprom.image import parse_image
 from fwbuild.eeprom.synthetic import synthetic_image
 from fwbuild.errors import FwbuildError, ToolError
 from fwbuild.fsutil import atomic_write
 from fwbuild.keys import KeyPaths
-from fwbuild.sources import Cache
 from fwbuild.virtual import relay as relay_module
 from fwbuild.virtual.node import NodeOptions, NodeResult, boot_node
 from fwbuild.virtual.rootfs import MARKER, build_root_image, build_tiny_root

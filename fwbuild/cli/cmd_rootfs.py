@@ -33,8 +33,8 @@ def build_cmd(out: Path | None, packages: tuple[str, ...], hostname: str, offlin
     timestamps come from SOURCE_DATE_EPOCH (default 0), so a rebuild is byte-identical.
     Needs root (files keep their owners).
     """
+    from ..cache import Cache
     from ..rootfs.debian import DEFAULT_PACKAGES, DebianRootSpec, build_debian_root
-    from ..sources import Cache
 
     spec = DebianRootSpec(packages=tuple(dict.fromkeys((*DEFAULT_PACKAGES, *packages))),
                           hostname=hostname, epoch=source_date_epoch(0))

@@ -190,10 +190,10 @@ def build_cmd(recipe: Path, overrides: tuple[str, ...], out_root: Path, keys_dir
 def fetch_cmd(recipe: Path | None, overrides: tuple[str, ...], import_dir: Path | None, offline: bool,
               refresh_apt: bool, only: tuple[str, ...], as_json: bool) -> None:
     """Download (or import) RECIPE's pinned sources into the cache."""
-    from ..build import select_steps
+    from ..cache import Cache
+    from ..pipeline import select_steps
     from ..recipe import load_recipe
     from ..sources import (
-        Cache,
         MissingSourcesError,
         describe_source,
         fetch_all,
