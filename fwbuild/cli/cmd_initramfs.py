@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from ..errors import UsageError
-from ..layout import INITRAMFS, parts_dir
+from ..layout import INITRAMFS, parts_dir, refuse_published
 from ..sign import source_date_epoch
 from ._common import existing_file, progress_display, writing
 
@@ -59,6 +59,7 @@ def build_cmd(recipe: str | None, packages: tuple[str, ...], binaries: tuple[str
         if out is None:
             raise UsageError("--out is required without a recipe")
         spec = InitramfsSpec(epoch=epoch)
+    refuse_published(out)  # before the build: a published set is changed only by `fwbuild build`
     extra: dict[str, str] = {}
     for item in files:
         dest, sep, host = item.partition("=")
