@@ -72,7 +72,7 @@ def main() -> None:
         cold, result = timed(the_spec, cache)
         warm, again = timed(the_spec, cache)
         assert again.data == result.data, "warm build differs from cold build"
-        shutil.rmtree(root / "compressed", ignore_errors=True)
+        shutil.rmtree(cache.area("compressed"), ignore_errors=True)
         recompressed, _ = timed(the_spec, cache)
         print(f"initramfs ({args.spec} spec, {the_spec.compression}), "
               f"{len(result.packages)} packages pinned, {len(result.entries)} entries")

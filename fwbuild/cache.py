@@ -30,8 +30,12 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
 from .errors import SourceError
+
+Area = Literal["sha256", "tmp", "steps", "compressed", "staged", "apt", "rootfs"]
+AREAS: tuple[Area, ...] = get_args(Area)
 
 
 @dataclass(frozen=True)
@@ -44,10 +48,14 @@ class Cache:
         root = Path(env) if env else Path.home() / ".cache" / "fwbuild"
         return cls(root)
 
+    def area(self, name: Area) -> Path:
+        """The top-level subdirectory `name` (one of AREAS, as the module docstring lays out)."""
+        return self.root / name
+
     # --- sha256/ and tmp/ ----------------------------------------------------------------
 
     def blob_path(self, sha256: str) -> Path:
-        return self.root / "sha256" / sha256[:2] / sha256
+        return self.area("sha256") / sha256[:2] / sha256
 
     def lookup(self, sha256: str) -> Path | None:
         path = self.blob_path(sha256)
@@ -55,7 +63,7 @@ class Cache:
 
     def tmpdir(self) -> Path:
         """Where writers put a file in progress (then `commit` it)."""
-        path = self.root / "tmp"
+        path = self.area("tmp")
         path.mkdir(parents=True, exist_ok=True)
         return path
 
@@ -102,19 +110,19 @@ class Cache:
 
     def step_index(self, key: str) -> Path:
         """The step-cache index of the step run keyed `key` (64 hex)."""
-        return self.root / "steps" / f"{key}.json"
+        return self.area("steps") / f"{key}.json"
 
     def compressed(self, method: str, level: object, raw_sha256: str) -> Path:
         """The memo of the bytes of digest `raw_sha256` compressed with `method` at `level`."""
-        return self.root / "compressed" / f"{method}-{level}-{raw_sha256}"
+        return self.area("compressed") / f"{method}-{level}-{raw_sha256}"
 
     def staged_dir(self, deb_sha256: str) -> Path:
         """Where the .deb of digest `deb_sha256` is unpacked."""
-        return self.root / "staged" / deb_sha256
+        return self.area("staged") / deb_sha256
 
     def apt_dir(self, sources_digest: str) -> Path:
         """The apt state of the session whose sources digest to `sources_digest` (16 hex)."""
-        return self.root / "apt" / sources_digest[:16]
+        return self.area("apt") / sources_digest[:16]
 
     def resolved_memo(self, apt_dir: Path, key: str) -> Path:
         """The resolution memo `key` (packages + lists digest) of the apt session at `apt_dir`."""
@@ -122,4 +130,4 @@ class Cache:
 
     def rootfs_dir(self, key: str) -> Path:
         """The Debian root image built for `key` (spec + pins)."""
-        return self.root / "rootfs" / key[:32]
+        return self.area("rootfs") / key[:32]

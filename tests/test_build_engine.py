@@ -7,6 +7,7 @@ import ast
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -200,3 +201,38 @@ def test_initramfs_build_recipe_leaves_the_published_set_alone(virtual_set: Virt
     assert _snapshot(out_dir) == before
     checked = runner.invoke(main, ["verify", str(out_dir)])
     assert checked.exit_code == 0, checked.output
+
+
+_SET_PATH = re.compile(r"(^|[^\w.])(eeprom/(\{|[a-z])|initramfs/initramfs_2712|bootimg/boot\.|recovery/rpi-5-sd-recovery)")
+
+
+def _string_literals(path: Path) -> list[tuple[int, str]]:
+    """The string constants of a module, docstrings left out."""
+    tree = ast.parse(path.read_text())
+    docs = {id(node.body[0].value) for node in ast.walk(tree)
+            if isinstance(node, ast.Module | ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef)
+            and node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+    return [(node.lineno, node.value) for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docs]
+
+
+def test_only_the_layout_module_spells_the_paths_of_a_published_set() -> None:
+    spelled = [f"{path.relative_to(ROOT)}:{line}: {text[:60]!r}"
+               for base in ("fwbuild", "server", "bench") for path in sorted((ROOT / base).rglob("*.py"))
+               if path.name != "layout.py"
+               for line, text in _string_literals(path)
+               if _SET_PATH.search(text) or text == layout.MANIFEST]
+    assert spelled == [], "use fwbuild.layout: " + "; ".join(spelled)
+
+
+def test_only_the_cache_module_lays_out_the_cache() -> None:
+    from fwbuild import cache as cache_module
+
+    doc = cache_module.__doc__ or ""
+    for area in cache_module.AREAS:
+        assert re.search(rf"^  {area}/", doc, re.MULTILINE), f"cache area {area}/ is not documented"
+    joins = [f"{path.relative_to(ROOT)}:{number}" for base in ("fwbuild", "server", "bench")
+             for path in sorted((ROOT / base).rglob("*.py")) if path.name != "cache.py"
+             for number, line in enumerate(path.read_text().splitlines(), start=1)
+             if re.search(r"cache\.root\s*/", line)]
+    assert joins == [], "ask fwbuild.cache.Cache for the path: " + ", ".join(joins)

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from ..errors import UsageError
-from ..layout import INITRAMFS, parts_dir, refuse_published
+from ..layout import INITRAMFS, PARTS_SUFFIX, parts_dir, refuse_published
 from ..sign import source_date_epoch
 from ._common import existing_file, progress_display, writing
 
@@ -30,7 +30,7 @@ def initramfs_group() -> None:
 @click.option("--init", help="Init template: builtin:NAME or a path to a jinja2 template.")
 @click.option("--compression", type=click.Choice(("zstd", "xz", "gzip", "none")), help="Default: zstd.")
 @click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path),
-              help="Output file (default with a recipe: out/<recipe>.parts/initramfs/initramfs_2712; "
+              help=f"Output file (default with a recipe: out/<recipe>{PARTS_SUFFIX}/{INITRAMFS.rel}; "
                    "a published set out/<recipe> is changed only by `fwbuild build`).")
 def build_cmd(recipe: str | None, packages: tuple[str, ...], binaries: tuple[str, ...],
               modules: tuple[str, ...], kernel_package: str | None, files: tuple[str, ...],
