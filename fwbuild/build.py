@@ -120,7 +120,7 @@ def build(recipe: Recipe, *, out_root: Path, keys_dir: Path, cache: Cache | None
     _clean_stale(builds)
     stage = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=builds))
     os.chmod(stage, 0o755)  # published artifacts are public; a server may run as another user
-    ctx = BuildContext(recipe=recipe, out_root=out_root, stage=stage, cache=cache,
+    ctx = BuildContext(recipe=recipe, stage=stage, cache=cache,
                        keys=KeyPaths(keys_dir), epoch=source_date_epoch(recipe.recipe.source_date_epoch),
                        offline=offline, progress=progress)
     try:

@@ -37,7 +37,6 @@ class BuildContext:
     the fetched sources, the packages pinned so far and the artifacts made so far."""
 
     recipe: Recipe
-    out_root: Path
     stage: Path
     cache: Cache
     keys: KeyPaths
