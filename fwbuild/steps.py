@@ -1,8 +1,9 @@
 """The build steps of `fwbuild build`, in pipeline order.
 
-Each step turns recipe values and earlier artifacts into artifacts under
-`out/<recipe>/`; the formats themselves live in the eeprom/, initramfs/, bootimg/
-and recovery/ packages.
+Each step turns recipe values and earlier artifacts into artifacts of the set; it
+declares what it reads and writes with the handles of fwbuild.layout (which also says
+where each lives), and the engine (fwbuild.pipeline) runs it. The formats themselves
+live in the eeprom/, initramfs/, bootimg/ and recovery/ packages.
 """
 
 from __future__ import annotations
@@ -13,10 +14,19 @@ import json
 from collections.abc import Mapping
 from dataclasses import asdict
 
-from .build import BuildContext, Step
 from .errors import BuildError, KeyFileError
 from .fsutil import sha256_file
 from .keys import load_boot_key
+from .layout import (
+    BOOT_IMG,
+    BOOT_SIG,
+    EEPROM_IMAGE,
+    EEPROM_SIG,
+    INITRAMFS,
+    INITRAMFS_PROVENANCE,
+    RECOVERY_KIT,
+)
+from .pipeline import BuildContext, Step
 from .recipe import resolve_path, resolved_repositories
 from .sources import check_offline, needed_sources, source_path
 
@@ -130,8 +140,8 @@ def build_eeprom(ctx: BuildContext) -> None:
     for variant in ctx.recipe.eeprom.variants:
         text = render_bootconf(variant, site_values(ctx), templates.get(variant))
         image = assemble_eeprom(base, text, boot_key=key, timestamp=ctx.epoch)
-        ctx.add_artifact(f"eeprom/{variant}/pieeprom.bin", image)
-        ctx.add_artifact(f"eeprom/{variant}/pieeprom.sig", pieeprom_sig(image, ctx.epoch))
+        ctx.put(EEPROM_IMAGE(variant), image)
+        ctx.put(EEPROM_SIG(variant), pieeprom_sig(image, ctx.epoch))
 
 
 # --- recovery --------------------------------------------------------------------------
@@ -140,7 +150,7 @@ def recovery_inputs(ctx: BuildContext) -> Mapping[str, str]:
     ref = ctx.recipe.recovery.recovery_bin
     return {
         "recovery_bin": ref if ref == "fake" else ctx.recipe.sources[ref[7:]].sha256,
-        "pieeprom": _digest(ctx.artifacts[f"eeprom/{ctx.recipe.recovery.variant}/pieeprom.bin"]),
+        "pieeprom": _digest(ctx.get(EEPROM_IMAGE(ctx.recipe.recovery.variant))),
         "epoch": str(ctx.epoch),
     }
 
@@ -150,8 +160,8 @@ def build_recovery(ctx: BuildContext) -> None:
 
     ref = ctx.recipe.recovery.recovery_bin
     recovery_bin = fake_recovery_bin() if ref == "fake" else _source_bytes(ctx, ref)
-    pieeprom = ctx.artifacts[f"eeprom/{ctx.recipe.recovery.variant}/pieeprom.bin"]
-    ctx.add_artifact("recovery/rpi-5-sd-recovery.tar.gz", recovery_archive(recovery_bin, pieeprom, ctx.epoch))
+    pieeprom = ctx.get(EEPROM_IMAGE(ctx.recipe.recovery.variant))
+    ctx.put(RECOVERY_KIT, recovery_archive(recovery_bin, pieeprom, ctx.epoch))
 
 
 # --- initramfs -------------------------------------------------------------------------
@@ -162,9 +172,9 @@ def build_initramfs_step(ctx: BuildContext) -> None:
 
     spec = spec_from_recipe(ctx.recipe, epoch=ctx.epoch)
     result = build_initramfs(spec, ctx.cache, ctx.progress, offline=ctx.offline)
-    ctx.add_artifact("initramfs/initramfs_2712", result.data)
-    ctx.add_artifact("initramfs/initramfs_2712.provenance.json",
-                     (json.dumps(result.provenance_document(), indent=1, sort_keys=True) + "\n").encode())
+    ctx.put(INITRAMFS, result.data)
+    ctx.put(INITRAMFS_PROVENANCE,
+            (json.dumps(result.provenance_document(), indent=1, sort_keys=True) + "\n").encode())
     ctx.packages.extend({k: str(v) for k, v in p.as_record().items()} for p in result.packages)
 
 
@@ -204,19 +214,19 @@ def build_bootimg(ctx: BuildContext) -> None:
     section = ctx.recipe.bootimg
     if section.compress_kernel and not kernel.startswith(GZIP_MAGIC):
         kernel = compress_cached(kernel, "gzip", ctx.cache)
-    files = boot_files(kernel, ctx.artifacts["initramfs/initramfs_2712"], dtbs, section.cmdline,
+    files = boot_files(kernel, ctx.get(INITRAMFS), dtbs, section.cmdline,
                        section.config, {}, kernel_name=section.kernel_name,
                        require_dtbs=ctx.recipe.recipe.target != "virtual")
     image = build_boot_image(files, ctx.epoch)
-    ctx.add_artifact("bootimg/boot.img", image)
-    ctx.add_artifact("bootimg/boot.sig", sign_boot_image(image, load_boot_key(ctx.keys.boot_key), ctx.epoch))
+    ctx.put(BOOT_IMG, image)
+    ctx.put(BOOT_SIG, sign_boot_image(image, load_boot_key(ctx.keys.boot_key), ctx.epoch))
 
 
 STEPS: list[Step] = [
     Step("check_inputs", check_inputs, always=True),
     Step("fetch_sources", fetch_sources, always=True),
-    Step("eeprom", build_eeprom, eeprom_inputs),
-    Step("initramfs", build_initramfs_step),
-    Step("bootimg", build_bootimg, needs=("initramfs",)),
-    Step("recovery", build_recovery, recovery_inputs, needs=("eeprom",)),
+    Step("eeprom", build_eeprom, eeprom_inputs, writes=(EEPROM_IMAGE, EEPROM_SIG)),
+    Step("initramfs", build_initramfs_step, writes=(INITRAMFS, INITRAMFS_PROVENANCE)),
+    Step("bootimg", build_bootimg, reads=(INITRAMFS,), writes=(BOOT_IMG, BOOT_SIG)),
+    Step("recovery", build_recovery, recovery_inputs, reads=(EEPROM_IMAGE,), writes=(RECOVERY_KIT,)),
 ]

@@ -35,13 +35,14 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
+from fwbuild.cache import Cache
 from fwbuild.eeprom.bootconf import parse_bootconf
 from fwbuild.eeprom.image import parse_image
 from fwbuild.eeprom.synthetic import synthetic_image
 from fwbuild.errors import FwbuildError, ToolError
 from fwbuild.fsutil import atomic_write
 from fwbuild.keys import KeyPaths
-from fwbuild.sources import Cache
+from fwbuild.layout import EEPROM_IMAGE
 from fwbuild.virtual import relay as relay_module
 from fwbuild.virtual.node import NodeOptions, NodeResult, boot_node
 from fwbuild.virtual.rootfs import MARKER, build_root_image, build_tiny_root
@@ -328,7 +329,7 @@ class VirtualSite:
 def _walt_net_address(artifacts: Path) -> tuple[str, int]:
     """The server's walt-net (host, port): the recovery EEPROM's HTTP_HOST and HTTP_PORT."""
     try:
-        image = parse_image((artifacts / "eeprom" / "recovery" / "pieeprom.bin").read_bytes())
+        image = parse_image(EEPROM_IMAGE("recovery").path(artifacts).read_bytes())
         conf = parse_bootconf(image.read_file("bootconf.txt").decode("ascii", "replace"))
     except (OSError, FwbuildError):
         return DEFAULT_WALT_NET

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from fwbuild.cache import Cache
 from fwbuild.errors import SourceError, ToolError
 from fwbuild.initramfs.apt import AptSession, dependency_chains, repository_stanza
 from fwbuild.recipe import AptRepository
-from fwbuild.sources import Cache
 
 HOST = [("host-debian.sources",
          ("Types: deb\nURIs: http://deb.debian.org/debian\nSuites: bookworm\n"
@@ -106,10 +106,10 @@ def test_unknown_package_is_a_tool_error() -> None:
 @pytest.mark.slow  # apt-get waits on its own retries (about 15 s)
 def test_unreachable_repository_is_an_error_not_an_empty_universe(tmp_path: Path) -> None:
     """apt-get update only warns when a repository fails; fwbuild names it and retries next time."""
+    from fwbuild.cache import Cache
     from fwbuild.errors import SourceError
     from fwbuild.initramfs.apt import AptSession
     from fwbuild.recipe import AptRepository
-    from fwbuild.sources import Cache
 
     keyring = Path(__file__).resolve().parent.parent / "recipes" / "keyrings" / "raspberrypi-archive-stable.gpg"
     repo = AptRepository(uri="http://127.0.0.1:9/debian/", suite="bookworm", keyring=str(keyring))
@@ -123,10 +123,10 @@ def test_unreachable_repository_is_an_error_not_an_empty_universe(tmp_path: Path
 
 
 def test_offline_session_never_fetches(tmp_path: Path) -> None:
+    from fwbuild.cache import Cache
     from fwbuild.errors import SourceError
     from fwbuild.initramfs.apt import AptSession
     from fwbuild.recipe import AptRepository
-    from fwbuild.sources import Cache
 
     keyring = Path(__file__).resolve().parent.parent / "recipes" / "keyrings" / "raspberrypi-archive-stable.gpg"
     repo = AptRepository(uri="http://127.0.0.1:9/debian/", suite="bookworm", keyring=str(keyring))

@@ -13,11 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from fwbuild.build import BuildContext, Step, build
+from fwbuild.build import build
+from fwbuild.cache import Cache
 from fwbuild.errors import BuildError
+from fwbuild.layout import Artifact
+from fwbuild.pipeline import BuildContext, Step
 from fwbuild.recipe import parse_recipe
-from fwbuild.sources import Cache
 
+ONE = Artifact("test.one", "a/one.bin")
+TWO = Artifact("test.two", "b/two.txt")
 RECIPE = {"recipe": {"name": "demo", "target": "virtual", "source_date_epoch": 1767225600},
           "site": {"http_host": "127.0.0.1"}, "initramfs": {"kernel_package": "linux-image-cloud-arm64"}}
 
@@ -25,10 +29,10 @@ RECIPE = {"recipe": {"name": "demo", "target": "virtual", "source_date_epoch": 1
 def _steps(payload: bytes, calls: list[str]) -> list[Step]:
     def make(ctx: BuildContext) -> None:
         calls.append("make")
-        ctx.add_artifact("a/one.bin", payload)
-        ctx.add_artifact("b/two.txt", b"two " + payload[:4])
+        ctx.put(ONE, payload)
+        ctx.put(TWO, b"two " + payload[:4])
 
-    return [Step("make", make, lambda ctx: {"payload": payload.hex()})]
+    return [Step("make", make, lambda ctx: {"payload": payload.hex()}, writes=(ONE, TWO))]
 
 
 def test_publish_manifest_and_step_cache(tmp_path: Path, session_keys: Path) -> None:
@@ -59,12 +63,12 @@ def test_failed_step_keeps_previous_output(tmp_path: Path, session_keys: Path) -
     build(recipe, out_root=tmp_path / "out", keys_dir=session_keys, cache=cache, steps=_steps(b"good", []))
 
     def explode(ctx: BuildContext) -> None:
-        ctx.add_artifact("a/one.bin", b"half")
+        ctx.put(ONE, b"half")
         raise BuildError("step failed")
 
     with pytest.raises(BuildError):
         build(recipe, out_root=tmp_path / "out", keys_dir=session_keys, cache=cache,
-              steps=[Step("explode", explode)])
+              steps=[Step("explode", explode, writes=(ONE,))])
     assert (tmp_path / "out/demo/a/one.bin").read_bytes() == b"good"
     leftovers = [p for p in (tmp_path / "out/.builds/demo").iterdir() if p.name.startswith(".tmp-")]
     assert leftovers == []
@@ -73,17 +77,19 @@ def test_failed_step_keeps_previous_output(tmp_path: Path, session_keys: Path) -
 _KILLED_BUILD = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from fwbuild.build import Step, build
+    from fwbuild.build import build
+    from fwbuild.layout import Artifact
+    from fwbuild.pipeline import Step
     from fwbuild.recipe import parse_recipe
-    from fwbuild.sources import Cache
+    from fwbuild.cache import Cache
     recipe = parse_recipe({"recipe": {"name": "demo", "target": "virtual"}, "site": {"http_host": "127.0.0.1"},
                            "initramfs": {"kernel_package": "linux-image-cloud-arm64"}})
     def slow(ctx):
-        ctx.add_artifact("a/one.bin", b"NEW-BUT-UNFINISHED")
+        ctx.put(Artifact("test.one", "a/one.bin"), b"NEW-BUT-UNFINISHED")
         Path(sys.argv[3]).write_text("started")
         time.sleep(60)
     build(recipe, out_root=Path(sys.argv[1]), keys_dir=Path(sys.argv[2]), cache=Cache(Path(sys.argv[4])),
-          steps=[Step("slow", slow)])
+          steps=[Step("slow", slow, writes=(Artifact("test.one", "a/one.bin"),))])
 """)
 
 

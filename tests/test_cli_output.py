@@ -15,12 +15,14 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from fwbuild.build import BuildContext, Step, build
+from fwbuild.build import build
+from fwbuild.cache import Cache
 from fwbuild.cli import main, summary_of
 from fwbuild.cli._common import Display
+from fwbuild.layout import Artifact
+from fwbuild.pipeline import BuildContext, Step
 from fwbuild.progress import report_bytes
 from fwbuild.recipe import parse_recipe
-from fwbuild.sources import Cache
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -37,15 +39,18 @@ def site(tmp_path: Path, session_keys: Path, monkeypatch: pytest.MonkeyPatch) ->
     return directory / "virtual.toml"
 
 
+A_BIN = Artifact("test.a", "a.bin")
+
+
 def _steps(calls: list[str]) -> list[Step]:
     def make(ctx: BuildContext) -> None:
         calls.append("make")
         report_bytes(ctx.progress, "download thing", 0, 3_000_000)
         report_bytes(ctx.progress, "download thing", 3_000_000, 3_000_000)
-        ctx.add_artifact("a.bin", b"payload")
+        ctx.put(A_BIN, b"payload")
 
     return [Step("check", lambda ctx: None, always=True),
-            Step("make", make, lambda ctx: {"v": "1"})]
+            Step("make", make, lambda ctx: {"v": "1"}, writes=(A_BIN,))]
 
 
 def test_plain_display_names_each_step_cached_or_built_with_elapsed(tmp_path: Path,

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from fwbuild.cache import Cache
 from fwbuild.errors import BuildError
 from fwbuild.initramfs.apt import AptSession
 from fwbuild.initramfs.builder import (
@@ -24,7 +25,6 @@ from fwbuild.initramfs.builder import (
 )
 from fwbuild.initramfs.cpio import CpioEntry, decompress, read_cpio
 from fwbuild.initramfs.elf import DEFAULT_LIBRARY_DIRS, elf_needed, resolve_elf_closure
-from fwbuild.sources import Cache
 
 pytestmark = pytest.mark.slow
 

@@ -36,8 +36,8 @@ class Guest:
 
 @pytest.fixture(scope="module")
 def guest(tmp_path_factory: pytest.TempPathFactory) -> Guest:
+    from fwbuild.cache import Cache
     from fwbuild.initramfs.builder import build_initramfs, stage_kernel
-    from fwbuild.sources import Cache
 
     cache = Cache(tmp_path_factory.getbasetemp() / "fwbuild-cache")
     work = tmp_path_factory.mktemp("prefetch")

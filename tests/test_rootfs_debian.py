@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from fwbuild.cache import Cache
 from fwbuild.rootfs.debian import MARKER, DebianRoot, DebianRootSpec, build_debian_root
-from fwbuild.sources import Cache
 
 pytestmark = [
     pytest.mark.slow,

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from fwbuild.cache import Cache
 from fwbuild.cli import main
 from fwbuild.errors import SourceError
 from fwbuild.recipe import load_recipe, parse_recipe
 from fwbuild.sources import (
-    Cache,
     MissingSourcesError,
     check_offline,
     fetch_all,

@@ -61,8 +61,8 @@ class Guest:
 
 @pytest.fixture(scope="module")
 def guest(tmp_path_factory: pytest.TempPathFactory) -> Guest:
+    from fwbuild.cache import Cache
     from fwbuild.initramfs.builder import build_initramfs, stage_kernel
-    from fwbuild.sources import Cache
 
     # The same per-session cache conftest points FWBUILD_CACHE to (module scope runs first).
     cache = Cache(tmp_path_factory.getbasetemp() / "fwbuild-cache")

@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from ..errors import UsageError
+from ..layout import INITRAMFS, PARTS_SUFFIX, parts_dir, refuse_published
 from ..sign import source_date_epoch
 from ._common import existing_file, progress_display, writing
 
@@ -29,7 +30,8 @@ def initramfs_group() -> None:
 @click.option("--init", help="Init template: builtin:NAME or a path to a jinja2 template.")
 @click.option("--compression", type=click.Choice(("zstd", "xz", "gzip", "none")), help="Default: zstd.")
 @click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path),
-              help="Output file (default with a recipe: out/<recipe>/initramfs/initramfs_2712).")
+              help=f"Output file (default with a recipe: out/<recipe>{PARTS_SUFFIX}/{INITRAMFS.rel}; "
+                   "a published set out/<recipe> is changed only by `fwbuild build`).")
 def build_cmd(recipe: str | None, packages: tuple[str, ...], binaries: tuple[str, ...],
               modules: tuple[str, ...], kernel_package: str | None, files: tuple[str, ...],
               init: str | None, compression: str | None, out: Path | None) -> None:
@@ -38,6 +40,7 @@ def build_cmd(recipe: str | None, packages: tuple[str, ...], binaries: tuple[str
     Options add to the recipe's lists (or replace its scalar values). The
     provenance of every path goes to OUT.provenance.json (read by `why`).
     """
+    from ..cache import Cache
     from ..initramfs.builder import (
         InitramfsSpec,
         build_initramfs,
@@ -45,18 +48,18 @@ def build_cmd(recipe: str | None, packages: tuple[str, ...], binaries: tuple[str
         write_initramfs,
     )
     from ..recipe import load_recipe
-    from ..sources import Cache
 
     epoch = source_date_epoch()
     if recipe is not None:
         loaded = load_recipe(Path(recipe))
         epoch = source_date_epoch(loaded.recipe.source_date_epoch)  # as `fwbuild build` does
         spec = spec_from_recipe(loaded, epoch=epoch)
-        out = out or Path("out") / loaded.name / "initramfs" / "initramfs_2712"
+        out = out or INITRAMFS.path(parts_dir(Path("out"), loaded.name))  # never into out/<recipe>
     else:
         if out is None:
             raise UsageError("--out is required without a recipe")
         spec = InitramfsSpec(epoch=epoch)
+    refuse_published(out)  # before the build: a published set is changed only by `fwbuild build`
     extra: dict[str, str] = {}
     for item in files:
         dest, sep, host = item.partition("=")

@@ -20,11 +20,11 @@ from typing import Any
 
 import jinja2
 
+from ..cache import Cache
 from ..errors import BuildError, FormatError, FwbuildError, UsageError
 from ..fsutil import atomic_write
 from ..progress import Progress, report
 from ..recipe import AptRepository, Recipe, resolve_path, resolved_repositories
-from ..sources import Cache
 from .apt import AptSession, PinnedPackage, dependency_chains
 from .cpio import COMPRESSIONS, GZIP_LEVEL, XZ_LEVEL, ZSTD_LEVEL, compress, decompress, write_cpio
 from .deb import DebContents, stage_deb
@@ -119,7 +119,7 @@ def stage_packages(session: AptSession, cache: Cache, packages: Sequence[str],
     staged: list[tuple[DebContents, Path]] = []
     for index, pin in enumerate(pins):
         report(progress, "stage packages", index, len(pins))
-        dest = cache.root / "staged" / pin.sha256
+        dest = cache.staged_dir(pin.sha256)
         staged.append((stage_deb(paths[pin.name], dest), dest / "root"))
     report(progress, "stage packages", len(pins), len(pins))
     return StagedTree.from_packages(staged), pins
@@ -290,7 +290,7 @@ def compress_cached(raw: bytes, method: str, cache: Cache) -> bytes:
     if method == "none":
         return raw
     level = {"zstd": ZSTD_LEVEL, "xz": XZ_LEVEL}.get(method, GZIP_LEVEL)
-    memo = cache.root / "compressed" / f"{method}-{level}-{hashlib.sha256(raw).hexdigest()}"
+    memo = cache.compressed(method, level, hashlib.sha256(raw).hexdigest())
     try:
         data = memo.read_bytes()
         if decompress(data) == raw:
