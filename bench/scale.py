@@ -39,6 +39,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from fwbuild.layout import BOOT_IMG, MANIFEST
 from fwbuild.virtual.postgres import PrivateCluster
 from fwbuild.virtual.sharedsite import (
     Instance,
@@ -60,7 +61,7 @@ def ip_of(i: int) -> str:
 
 
 def make_artifacts(directory: Path, size: int) -> Path:
-    boot = directory / "bootimg" / "boot.img"
+    boot = BOOT_IMG.path(directory)
     boot.parent.mkdir(parents=True)
     block = hashlib.sha512(b"scale").digest() * (1 << 14)  # 1 MiB
     with open(boot, "wb") as handle:
@@ -68,7 +69,7 @@ def make_artifacts(directory: Path, size: int) -> Path:
         while left:
             handle.write(block[:min(left, len(block))])
             left -= min(left, len(block))
-    (directory / "manifest.json").write_text(json.dumps(
+    (directory / MANIFEST).write_text(json.dumps(
         {"source_date_epoch": 1700000000, "recipe": {"name": "scale", "target": "virtual"}}))
     return directory
 
