@@ -86,6 +86,7 @@ def test_walt_written_eeprom_boots_through_per_ip_to_the_root(
     assert "walt-vpn: root: mounted image root.img of the SSH gate's root for this node" in console
     assert MARKER in console
     assert node.flash.read_bytes() == flash_before  # its EEPROM stays WalT's
+    assert client.run(2) is False  # the node OS's next run of WalT's client: nothing to change
     # The server saw it: the per-ip boot.img from its address, the gate's check by its certificate.
     shown = CliRunner().invoke(main, ["nodes", "show", MAC, "--json", "--config", str(running.config_path)])
     assert shown.exit_code == 0, shown.output
