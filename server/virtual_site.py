@@ -86,6 +86,9 @@ class SiteOptions:
     default_mode: str = "enforced"
     cache: Cache | None = None
     http_entrypoint_port: int | None = None  # nodes' HTTP_PORT: a proxy in front (default: the server)
+    # The HTTP entrypoint as nodes see it, a walt-net (host, port) the bootloader reaches the
+    # server through (WalT's client writes `http-entrypoint` as HTTP_HOST, port 80 implied).
+    http_entrypoint: tuple[str, int] | None = None
     root_image: bool = True   # export the root as an ext4 image (loop over sshfs: a second read
                               # never crosses the network) rather than as a directory
     ssh_port: int = 22        # the SSH entrypoint's port as nodes see it (10.0.2.100:PORT)
@@ -172,11 +175,17 @@ class VirtualSite:
                 "revoked_keys_file": str(self.sshd.revoked),
                 "node_addresses": self.addresses_path.name,
             },
-            "entrypoints": {"http": f"127.0.0.1:{self.options.http_entrypoint_port or self.port}",
+            "entrypoints": {"http": self._http_entrypoint(),
                             "ssh": f"{GUEST_ENTRYPOINT}:{self.options.ssh_port}",
                             "ssh_host_keys": [self.sshd.host_public_key.strip()]},
             "admin": {"listen": "127.0.0.1", "port": self.admin_port},
         })
+
+    def _http_entrypoint(self) -> str:
+        if self.options.http_entrypoint is not None:
+            host, port = self.options.http_entrypoint
+            return f"{host}:{port}"
+        return f"127.0.0.1:{self.options.http_entrypoint_port or self.port}"
 
     def _start_server(self) -> None:
         atomic_write(self.config_path, self._server_toml().encode())
@@ -253,10 +262,13 @@ class VirtualSite:
         name = name or f"{node.mac12}-{len(node.power_ons) + 1}"
         # The bootloader reaches the server itself; `walt_net_target` redirects the guest only.
         walt_target = ("127.0.0.1", self.port)
+        walt_net = {self.walt_net: walt_target}
+        if self.options.http_entrypoint is not None:
+            walt_net[self.options.http_entrypoint] = walt_target
         options = NodeOptions(eeprom=node.flash, workdir=self.options.work / "runs" / name, sd=sd,
                               timeout=timeout, marker=marker, max_restarts=max_restarts,
                               guestfwd=self.guestfwd(node), extra_cmdline=extra_cmdline, mac=node.mac,
-                              walt_net={self.walt_net: walt_target}, source_address=node.address,
+                              walt_net=walt_net, source_address=node.address,
                               power_cut=power_cut)
         result = boot_node(options, log=self.log)
         node.power_ons.append(result)

@@ -61,7 +61,7 @@ def test_builtin_init_files_and_default_settings() -> None:
     assert files["lib/fwbuild-init/config.sh"][1] == 0o644
     config = files["etc/fwbuild-init.conf"][0].decode().splitlines()
     assert "RETRIES=6" in config and "CACHE_TIMEOUT=157680000" in config
-    assert "VPN_ROOT_DEFAULT='/var/lib/walt/nodes/{mac12}/fs'" in config
+    assert "VPN_ROOT_DEFAULT=''" in config  # no WALT_VPN_ROOT: the SSH gate's root
     for path, (data, _) in files.items():
         assert b"{{" not in data and b"{%" not in data, path   # no template left
         if BUSYBOX and not path.endswith(".conf"):

@@ -1,7 +1,8 @@
 """Our VPN initramfs reads an EEPROM config written by WalT's own client (issue 12):
 WALT_VPN_CREDS holding `id_walt_vpn`, `id_walt_vpn-cert.pub`, `known_hosts` (the node's own
-ecdsa-384 key), no WALT_VPN_ROOT / WALT_VPN_USER (documented defaults), and a missing key
-in permissive mode falling back like any permissive failure."""
+ecdsa-384 key), no WALT_VPN_ROOT / WALT_VPN_USER (documented defaults: the root is the one
+the SSH gate gives the node), and a missing key in permissive mode falling back like any
+permissive failure."""
 
 from __future__ import annotations
 
@@ -69,10 +70,39 @@ def test_walt_written_config_takes_the_defaults(tmp_path: Path) -> None:
                                 stdin=WALT_CONFIG.format(mode="enforced"))
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == [
-        ("walt-vpn: config: no WALT_VPN_ROOT (a WalT-written EEPROM): root "
-         "/var/lib/walt/nodes/000000000000/fs"),
-        ("root=/var/lib/walt/nodes/000000000000/fs user=walt-vpn mode=enforced "
-         "entry=vpn.example.org:22")]
+        ("walt-vpn: config: no WALT_VPN_ROOT (a WalT-written EEPROM): root = the SSH gate's "
+         "root for this node"),
+        "root= user=walt-vpn mode=enforced entry=vpn.example.org:22"]
+    # A recipe's vpn_root_default (a site path, {mac12} = the node's MAC) still applies.
+    result = run_init_functions(tmp_path, LO + 'VPN_ROOT_DEFAULT=/srv/nodes/{mac12}/fs; parse_config; '
+                                'check_config; echo "root=$CFG_WALT_VPN_ROOT"',
+                                stdin=WALT_CONFIG.format(mode="enforced"))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "walt-vpn: config: no WALT_VPN_ROOT (a WalT-written EEPROM): root /srv/nodes/000000000000/fs",
+        "root=/srv/nodes/000000000000/fs"]
+
+
+@needs_busybox
+def test_gate_root_is_a_tree_or_its_one_image(tmp_path: Path) -> None:
+    """No WALT_VPN_ROOT: what sshfs mounted from the gate's start directory is the root
+    (a tree with /sbin/init) or holds the node's one image (as the gate lists an image root)."""
+    tree, images, empty = tmp_path / "tree", tmp_path / "images", tmp_path / "empty"
+    two = tmp_path / "two"
+    (tree / "sbin").mkdir(parents=True)
+    (tree / "boot.img").write_bytes(b"")  # a tree's files are not candidates
+    images.mkdir()
+    (images / "root.img").write_bytes(b"x")
+    (images / "root.img.prefetch").write_bytes(b"x")
+    empty.mkdir()
+    two.mkdir()
+    (two / "a.ext4").write_bytes(b"x")
+    (two / "b.img").write_bytes(b"x")
+    result = run_init_functions(tmp_path, "".join(
+        f'echo "{d.name}=[$(gate_root_image {d})]"\n' for d in (tree, images, empty, two)))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["tree=[]", "images=[root.img]", "empty=[]", "two=[a.ext4]"]
+    assert "walt-vpn: root: several images in the gate's root, using a.ext4" in result.stderr
 
 
 @needs_busybox

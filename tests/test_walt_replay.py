@@ -7,17 +7,21 @@ here `fwbuild eeprom edit`). Our initramfs accepts that EEPROM's config and cred
 the node's per-ip HTTP-boot files verify with its public.pem; a second run changes
 nothing; `fwbuild nodes set-mode` changes its boot-mode answer (and the next run re-flashes
 with the same credentials, as WalT's client does). WalT's client also appends
-`ssh-keyscan -H server.walt` to known_hosts: left out (no server.walt here).
+`ssh-keyscan -H server.walt` to known_hosts: `keyscan_server_walt` replays it against a
+real sshd (test_walt_gate, test_walt_boot_qemu); here (no sshd) the step is left out.
 
-Not here: booting that EEPROM in the virtual node (QEMU) to the root (see the report of
-issue 12)."""
+The virtual node booting that EEPROM (QEMU) through per-ip/... to its root:
+test_walt_boot_qemu.py."""
 
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import io
 import subprocess
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,13 +49,17 @@ CONF = "/walt-vpn/node-conf/"
 class WaltClient:
     """The node side of WalT's protocol, as walt-vpn-auto-enroll runs it on every boot."""
 
-    def __init__(self, port: int, work: Path, flash: Path) -> None:
-        self.port, self.work, self.flash = port, work, flash
+    def __init__(self, port: int, work: Path, flash: Path, source: str = NODE,
+                 keyscan: Callable[[], bytes] | None = None) -> None:
+        """`source`: the node's walt-net address; `keyscan`: WalT's `ssh-keyscan -H server.walt`
+        (its output is appended to known_hosts; None: the step is left out)."""
+        self.port, self.work, self.flash, self.source = port, work, flash, source
+        self.keyscan = keyscan
         self.paths: list[str] = []
 
     def get(self, path: str) -> bytes:
         self.paths.append(path)
-        reply = request(self.port, "GET", path, source=NODE)
+        reply = request(self.port, "GET", path, source=self.source)
         assert reply.status == 200, (path, reply.status, reply.body[:200])
         return reply.body
 
@@ -81,13 +89,15 @@ class WaltClient:
                                 str(key)], check=True)
                 self.paths.append("/walt-vpn/enroll")
                 enrolled = walt_enroll(self.port, Path(str(key) + ".pub").read_text(),
-                                       headers={"Prefer": "errors=text-only"})
+                                       source=self.source, headers={"Prefer": "errors=text-only"})
                 assert (enrolled.status, enrolled.body) == (200, b"OK\n")
                 files = {"id_walt_vpn": key.read_bytes(),
                          "id_walt_vpn-cert.pub": self.get(CONF + "ssh-pubkey-cert")}
             else:  # only the entrypoint changed: the credentials in the EEPROM stay
                 files = read_creds_tar(self.running_creds())
             files["known_hosts"] = self.get(CONF + "ssh-entrypoint-host-keys")
+            if self.keyscan is not None:  # "for booting inside the walt network"
+                files["known_hosts"] += self.keyscan()
             raw = io.BytesIO()
             with tarfile.open(fileobj=raw, mode="w:gz") as tar:
                 for name in ("id_walt_vpn", "id_walt_vpn-cert.pub", "known_hosts"):
@@ -130,6 +140,52 @@ def read_creds_tar(creds: str) -> dict[str, bytes]:
             assert handle is not None
             out[member.name] = handle.read()
         return out
+
+
+def keyscan_server_walt(port: int, work: Path) -> bytes:
+    """`ssh-keyscan -H server.walt` against the site's sshd: the name resolves to 127.0.0.1
+    only for this process (its own mount namespace with an /etc/hosts bound over the real one)."""
+    hosts = work / "hosts"
+    hosts.write_text("127.0.0.1 localhost\n127.0.0.1 server.walt\n")
+    result = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+         'mount --bind "$1" /etc/hosts && exec ssh-keyscan -H -p "$2" server.walt',
+         "keyscan", str(hosts), str(port)],
+        capture_output=True, timeout=120, check=False)
+    assert result.returncode == 0 and result.stdout, result.stderr.decode(errors="replace")
+    return result.stdout
+
+
+def hashed_lines(text: bytes) -> list[tuple[bytes, bytes, str]]:
+    """(salt, hmac, "keytype blob") of each `ssh-keyscan -H` line."""
+    out = []
+    for line in text.decode().splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name, keytype, blob = line.split()[:3]
+        assert name.startswith("|1|"), line
+        _, _, salt, digest = name.split("|")
+        out.append((base64.b64decode(salt), base64.b64decode(digest), f"{keytype} {blob}"))
+    return out
+
+
+def names(host: str, entry: tuple[bytes, bytes, str]) -> bool:
+    salt, digest, _ = entry
+    return hmac.compare_digest(hmac.new(salt, host.encode(), hashlib.sha1).digest(), digest)
+
+
+def check_keyscan(client: WaltClient, scanned: bytes, sshd_port: int) -> None:
+    """WalT's `ssh-keyscan -H server.walt` lines carry exactly the keys of node-conf's
+    `ssh-entrypoint-host-keys` answer; each line hashes its own host name."""
+    served = hashed_lines(client.get(CONF + "ssh-entrypoint-host-keys"))
+    keyscanned = hashed_lines(scanned)
+    assert served and keyscanned
+    assert {key for _, _, key in keyscanned} == {key for _, _, key in served}
+    assert all(names(f"[server.walt]:{sshd_port}", entry) for entry in keyscanned)
+    entry = client.get(CONF + "ssh-entrypoint").decode()
+    host = entry if ":" not in entry else "[{}]:{}".format(*entry.rsplit(":", 1))
+    assert all(names(host, entry_line) for entry_line in served)
+
 
 
 @needs_busybox
