@@ -10,6 +10,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -44,7 +45,9 @@ def tool(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def run(tool: Path, *args: str, flash: Path | None = None, steps: int | None = None
         ) -> subprocess.CompletedProcess[str]:
-    env = {"PATH": str(tool.parent / "bin")}
+    # The helper's scratch files have fixed names under $TMPDIR (the initramfs' /tmp is its
+    # own): a private TMPDIR per call keeps concurrent runs on one host apart.
+    env = {"PATH": str(tool.parent / "bin"), "TMPDIR": tempfile.mkdtemp(dir=tool.parent)}
     if flash is not None:
         env["VPN_EEPROM_FLASH"] = str(flash)
     if steps is not None:
