@@ -12,7 +12,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT
 
 RUFF_PATHS = ("fwbuild", "server", "tests", "bench")
