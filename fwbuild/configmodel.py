@@ -3,7 +3,8 @@
 A config document is described by dataclasses whose annotations are the schema:
 `str`, `int`, `bool`, `X | None` (absent: None), `tuple[X, ...]` (a TOML array),
 `Mapping[str, X]` (a table of arbitrary keys) and nested dataclasses (a table of known
-keys). A field without a default is required; a missing table whose dataclass has
+keys); a field whose metadata has `parse` (a callable(text, key_path)) takes a string
+and stores what `parse` returns (fwbuild/refs.py's references). A field without a default is required; a missing table whose dataclass has
 required fields is read as an empty table, so the error names the missing key inside it.
 
 `from_table(cls, mapping, path)` converts and rejects, as one `ConfigError` naming the
@@ -125,7 +126,9 @@ def from_table(cls: type, mapping: Mapping[str, Any], path: str = "", **extra: A
         if key not in fields:
             what = "table" if not path and isinstance(value, dict) else "key"
             raise ConfigError(f"unknown {what} `{key}`", key_path, unknown_key_hint(key, list(fields)))
-        kwargs[key] = convert(value, hints[key], key_path)
+        parse = fields[key].metadata.get("parse")
+        kwargs[key] = (parse(convert(value, str, key_path), key_path) if parse is not None
+                       else convert(value, hints[key], key_path))
     for name, f in fields.items():
         if name in kwargs or not _required(f):
             continue

@@ -19,6 +19,7 @@ from typing import Any
 
 from .configmodel import convert, in_file, near_miss
 from .errors import BootconfError, ConfigError
+from .refs import BUILTIN, FAKE, PACKAGE, SOURCE, SYNTHETIC, TEMPLATE, Ref, ref_field
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
@@ -71,9 +72,9 @@ class Site:
 
 @dataclass(frozen=True)
 class Eeprom:
-    """`base` is `synthetic:ab`, `synthetic:non-ab` or `source:<name>`."""
+    """`base` is `synthetic:ab`, `synthetic:non-ab` or `source:<name>` (fwbuild/refs.py)."""
 
-    base: str = "synthetic:ab"
+    base: Ref = field(default=Ref(SYNTHETIC, "ab"), metadata=ref_field(SYNTHETIC, SOURCE))
     variants: tuple[str, ...] = VARIANTS
     templates: Mapping[str, str] = field(default_factory=dict)
 
@@ -84,7 +85,7 @@ class Initramfs:
     binaries: tuple[str, ...] = ()
     modules: tuple[str, ...] = ()
     kernel_package: str = ""
-    init: str = "builtin:default"
+    init: Ref = field(default=Ref(BUILTIN, "default"), metadata=ref_field(BUILTIN, TEMPLATE))
     compression: str = "zstd"
     files: Mapping[str, str] = field(default_factory=dict)
     variables: Mapping[str, str] = field(default_factory=dict)
@@ -92,7 +93,7 @@ class Initramfs:
 
 @dataclass(frozen=True)
 class Bootimg:
-    kernel: str = "package"
+    kernel: Ref = field(default=Ref(PACKAGE), metadata=ref_field(PACKAGE, SOURCE))
     kernel_name: str = "kernel_2712.img"
     dtbs: tuple[str, ...] = ()
     cmdline: str = "console=serial0,115200 console=tty1"
@@ -106,13 +107,13 @@ class Bootimg:
 class Recovery:
     """`recovery_bin` is `source:<name>` or `fake` (virtual recipes only)."""
 
-    recovery_bin: str = "fake"
+    recovery_bin: Ref = field(default=Ref(FAKE), metadata=ref_field(FAKE, SOURCE))
     variant: str = "recovery"
 
 
 @dataclass(frozen=True)
 class Recipe:
-    recipe: RecipeInfo
+    info: RecipeInfo  # the [recipe] table
     keys: Keys = field(default_factory=Keys)
     site: Site = field(default_factory=Site)
     sources: Mapping[str, Source] = field(default_factory=dict)
@@ -127,7 +128,7 @@ class Recipe:
 
     @property
     def name(self) -> str:
-        return self.recipe.name
+        return self.info.name
 
 
 # --- semantic checks ---------------------------------------------------------------------
@@ -148,21 +149,14 @@ def _check_site(site: Site) -> None:
             raise ConfigError(exc.what, f"site.{key}", exc.hint) from None
 
 
-def _check_source_ref(ref: str, recipe: Recipe, where: str, extra: Sequence[str]) -> None:
-    if ref in extra:
-        return
-    if ref.startswith("source:"):
-        name = ref[len("source:"):]
-        if name not in recipe.sources:
-            raise ConfigError(f"source `{name}` is not declared", where,
-                              near_miss(name, list(recipe.sources)) or f"add a [sources.{name}] table")
-        return
-    raise ConfigError(f"invalid reference {ref!r}", where,
-                      f"use one of {', '.join(f'`{e}`' for e in extra)} or `source:<name>`")
+def _check_source_ref(ref: Ref, recipe: Recipe, where: str) -> None:
+    if ref.kind == SOURCE and ref.name not in recipe.sources:
+        raise ConfigError(f"source `{ref.name}` is not declared", where,
+                          near_miss(ref.name, list(recipe.sources)) or f"add a [sources.{ref.name}] table")
 
 
 def _check(recipe: Recipe) -> None:
-    info = recipe.recipe
+    info = recipe.info
     if not _NAME.match(info.name):
         raise ConfigError(f"invalid recipe name {info.name!r}", "recipe.name",
                           "lowercase letters, digits, `-` and `_` (it names the out/ directory)")
@@ -184,7 +178,7 @@ def _check(recipe: Recipe) -> None:
         if source.size < 0:
             raise ConfigError("size must be >= 0", f"{where}.size")
     _check_site(recipe.site)
-    _check_source_ref(recipe.eeprom.base, recipe, "eeprom.base", ("synthetic:ab", "synthetic:non-ab"))
+    _check_source_ref(recipe.eeprom.base, recipe, "eeprom.base")
     for i, variant in enumerate(recipe.eeprom.variants):
         if variant not in VARIANTS:
             raise ConfigError(f"unknown EEPROM variant {variant!r}", f"eeprom.variants[{i}]",
@@ -198,16 +192,12 @@ def _check(recipe: Recipe) -> None:
     if recipe.initramfs.compression not in ("zstd", "xz", "gzip", "none"):
         raise ConfigError(f"unknown compression {recipe.initramfs.compression!r}",
                           "initramfs.compression", "use `zstd`, `xz`, `gzip` or `none`")
-    init = recipe.initramfs.init
-    if not (init.startswith("builtin:") or init.endswith(".j2")):
-        raise ConfigError(f"invalid init {init!r}", "initramfs.init",
-                          "use `builtin:default`, `builtin:vpn` or a path to a `.j2` template")
     for dest in recipe.initramfs.files:
         if not dest.startswith("/") or ".." in dest.split("/"):
             raise ConfigError(f"invalid destination {dest!r}", f"initramfs.files.{dest}",
                               "use an absolute path inside the initramfs, e.g. `/etc/motd`")
-    if recipe.bootimg.kernel != "package":
-        _check_source_ref(recipe.bootimg.kernel, recipe, "bootimg.kernel", ("package",))
+    if recipe.bootimg.kernel.kind != PACKAGE:
+        _check_source_ref(recipe.bootimg.kernel, recipe, "bootimg.kernel")
     elif not recipe.initramfs.kernel_package:
         raise ConfigError("bootimg.kernel = \"package\" but no kernel package is named",
                           "initramfs.kernel_package",
@@ -218,11 +208,11 @@ def _check(recipe: Recipe) -> None:
     if recipe.recovery.variant not in recipe.eeprom.variants:
         raise ConfigError(f"recovery variant {recipe.recovery.variant!r} is not built",
                           "recovery.variant", "add it to eeprom.variants")
-    _check_source_ref(recipe.recovery.recovery_bin, recipe, "recovery.recovery_bin", ("fake",))
-    if recipe.recovery.recovery_bin == "fake" and info.target != "virtual":
+    _check_source_ref(recipe.recovery.recovery_bin, recipe, "recovery.recovery_bin")
+    if recipe.recovery.recovery_bin.kind == FAKE and info.target != "virtual":
         raise ConfigError("a fake recovery.bin only suits virtual recipes", "recovery.recovery_bin",
                           "pin the real recovery.bin as a source and use `source:<name>`")
-    if info.target != "virtual" and recipe.eeprom.base.startswith("synthetic:"):
+    if info.target != "virtual" and recipe.eeprom.base.kind == SYNTHETIC:
         raise ConfigError("a synthetic EEPROM only suits virtual recipes", "eeprom.base",
                           "pin a Raspberry Pi pieeprom.bin as a source and use `source:<name>`")
 
@@ -241,7 +231,7 @@ def parse_recipe(mapping: Mapping[str, Any], directory: str = ".", digest: str =
     for key, cls in (("recipe", RecipeInfo), ("keys", Keys), ("site", Site), ("eeprom", Eeprom),
                      ("initramfs", Initramfs), ("bootimg", Bootimg), ("recovery", Recovery)):
         if key in mapping:
-            kwargs[key] = convert(mapping[key], cls, key)
+            kwargs["info" if key == "recipe" else key] = convert(mapping[key], cls, key)
     sources = mapping.get("sources", {})
     if not isinstance(sources, dict):
         raise ConfigError("expected a table of sources", "sources")

@@ -18,6 +18,7 @@ from .errors import BuildError, KeyFileError
 from .fsutil import sha256_file
 from .keys import load_boot_key
 from .recipe import resolve_path, resolved_repositories
+from .refs import FAKE, PACKAGE, SYNTHETIC, TEMPLATE, Ref
 from .sources import check_offline, needed_sources, source_path
 
 
@@ -61,7 +62,7 @@ def check_inputs(ctx: BuildContext) -> None:
             if not resolve_path(recipe, template).is_file():
                 raise BuildError("bootconf template not found", f"eeprom.templates.{variant}: {template}")
     if _selected(ctx, "initramfs"):
-        if recipe.initramfs.init.endswith(".j2") and not resolve_path(recipe, recipe.initramfs.init).is_file():
+        if recipe.initramfs.init.kind == TEMPLATE and not resolve_path(recipe, recipe.initramfs.init.name).is_file():
             raise BuildError("init template not found", f"initramfs.init: {recipe.initramfs.init}")
         for dest, src in recipe.initramfs.files.items():
             if not resolve_path(recipe, src).exists():
@@ -77,8 +78,8 @@ def fetch_sources(ctx: BuildContext) -> None:
                                         progress=ctx.progress)
 
 
-def _source_bytes(ctx: BuildContext, ref: str) -> bytes:
-    return ctx.sources[ref[len("source:"):]].read_bytes()
+def _source_bytes(ctx: BuildContext, ref: Ref) -> bytes:
+    return ctx.sources[ref.name].read_bytes()
 
 
 # --- eeprom ---------------------------------------------------------------------------
@@ -87,8 +88,8 @@ def _eeprom_base(ctx: BuildContext) -> bytes:
     from .eeprom.synthetic import synthetic_image
 
     base = ctx.recipe.eeprom.base
-    if base.startswith("synthetic:"):
-        return synthetic_image(base[len("synthetic:"):])
+    if base.kind == SYNTHETIC:
+        return synthetic_image(base.name)
     return _source_bytes(ctx, base)
 
 
@@ -113,7 +114,7 @@ def eeprom_inputs(ctx: BuildContext) -> Mapping[str, str]:
     return {
         "section": _section_digest(ctx.recipe.eeprom),
         "site": _section_digest(ctx.recipe.site),
-        "base": base if base.startswith("synthetic:") else ctx.recipe.sources[base[7:]].sha256,
+        "base": str(base) if base.kind == SYNTHETIC else ctx.recipe.sources[base.name].sha256,
         "templates": _digest(json.dumps(_template_texts(ctx), sort_keys=True).encode()),
         "key": _key_digest(ctx),
         "epoch": str(ctx.epoch),
@@ -139,7 +140,7 @@ def build_eeprom(ctx: BuildContext) -> None:
 def recovery_inputs(ctx: BuildContext) -> Mapping[str, str]:
     ref = ctx.recipe.recovery.recovery_bin
     return {
-        "recovery_bin": ref if ref == "fake" else ctx.recipe.sources[ref[7:]].sha256,
+        "recovery_bin": str(ref) if ref.kind == FAKE else ctx.recipe.sources[ref.name].sha256,
         "pieeprom": _digest(ctx.artifacts[f"eeprom/{ctx.recipe.recovery.variant}/pieeprom.bin"]),
         "epoch": str(ctx.epoch),
     }
@@ -149,7 +150,7 @@ def build_recovery(ctx: BuildContext) -> None:
     from .recovery.archive import fake_recovery_bin, recovery_archive
 
     ref = ctx.recipe.recovery.recovery_bin
-    recovery_bin = fake_recovery_bin() if ref == "fake" else _source_bytes(ctx, ref)
+    recovery_bin = fake_recovery_bin() if ref.kind == FAKE else _source_bytes(ctx, ref)
     pieeprom = ctx.artifacts[f"eeprom/{ctx.recipe.recovery.variant}/pieeprom.bin"]
     ctx.add_artifact("recovery/rpi-5-sd-recovery.tar.gz", recovery_archive(recovery_bin, pieeprom, ctx.epoch))
 
@@ -172,7 +173,7 @@ def init_variables(ctx: BuildContext) -> dict[str, object]:
     """Template values of the init: the shipped defaults, then the recipe's `initramfs.variables`."""
     from .initramfs.init import defaults_for
 
-    return {**defaults_for(ctx.recipe.initramfs.init), **ctx.recipe.initramfs.variables}
+    return {**defaults_for(str(ctx.recipe.initramfs.init)), **ctx.recipe.initramfs.variables}
 
 
 # --- boot image ------------------------------------------------------------------------
@@ -181,7 +182,7 @@ def _kernel_and_dtbs(ctx: BuildContext) -> tuple[bytes, dict[str, bytes]]:
     from .initramfs.builder import stage_kernel
 
     recipe = ctx.recipe
-    if recipe.bootimg.kernel != "package":
+    if recipe.bootimg.kernel.kind != PACKAGE:
         return _source_bytes(ctx, recipe.bootimg.kernel), {}
     if not recipe.initramfs.kernel_package:
         raise BuildError("bootimg.kernel = \"package\" but no initramfs.kernel_package",
@@ -213,7 +214,7 @@ def build_bootimg(ctx: BuildContext) -> None:
         kernel = compress_cached(kernel, "gzip", ctx.cache)
     files = boot_files(kernel, ctx.artifacts["initramfs/initramfs_2712"], dtbs, section.cmdline,
                        section.config, {}, kernel_name=section.kernel_name,
-                       require_dtbs=ctx.recipe.recipe.target != "virtual")
+                       require_dtbs=ctx.recipe.info.target != "virtual")
     image = build_boot_image(files, ctx.epoch)
     ctx.add_artifact("bootimg/boot.img", image)
     ctx.add_artifact("bootimg/boot.sig", sign_boot_image(image, load_boot_key(ctx.keys.boot_key), ctx.epoch))

@@ -97,7 +97,7 @@ def test_set_override_is_validated_like_the_file(no_network: None) -> None:
 def test_defaults_apply_for_optional_tables() -> None:
     recipe = parse_recipe({"recipe": {"name": "mini", "target": "virtual"},
                            "site": {"http_host": "10.0.0.1"}, "initramfs": {"kernel_package": "k"}})
-    assert recipe.eeprom.base == "synthetic:ab"
+    assert str(recipe.eeprom.base) == "synthetic:ab" and recipe.eeprom.base.kind == "synthetic"
     assert recipe.initramfs.compression == "zstd"
     assert recipe.site.http_port == 80
 

@@ -50,7 +50,7 @@ def build_cmd(recipe: str | None, packages: tuple[str, ...], binaries: tuple[str
     epoch = source_date_epoch()
     if recipe is not None:
         loaded = load_recipe(Path(recipe))
-        epoch = source_date_epoch(loaded.recipe.source_date_epoch)  # as `fwbuild build` does
+        epoch = source_date_epoch(loaded.info.source_date_epoch)  # as `fwbuild build` does
         spec = spec_from_recipe(loaded, epoch=epoch)
         out = out or Path("out") / loaded.name / "initramfs" / "initramfs_2712"
     else:

@@ -303,7 +303,7 @@ def spec_from_recipe(recipe: Recipe, *, epoch: int,
     `initramfs.variables`, then `variables`.
     """
     section = recipe.initramfs
-    init = section.init if section.init.startswith("builtin:") else str(resolve_path(recipe, section.init))
+    init = str(section.init) if section.init.kind == "builtin" else str(resolve_path(recipe, section.init.name))
     repositories = resolved_repositories(recipe)
     return InitramfsSpec(
         packages=section.packages or InitramfsSpec.packages,
@@ -312,7 +312,7 @@ def spec_from_recipe(recipe: Recipe, *, epoch: int,
         modules=section.modules,
         files={dest: str(resolve_path(recipe, src)) for dest, src in section.files.items()},
         init=init,
-        variables={**defaults_for(section.init), **getattr(section, "variables", {}),
+        variables={**defaults_for(str(section.init)), **getattr(section, "variables", {}),
                    **(variables or {})},
         compression=section.compression,
         epoch=epoch,
