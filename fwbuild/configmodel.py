@@ -4,7 +4,10 @@ A config document is described by dataclasses whose annotations are the schema:
 `str`, `int`, `bool`, `X | None` (absent: None), `tuple[X, ...]` (a TOML array),
 `Mapping[str, X]` (a table of arbitrary keys) and nested dataclasses (a table of known
 keys); a field whose metadata has `parse` (a callable(text, key_path)) takes a string
-and stores what `parse` returns (fwbuild/refs.py's references). A field without a default is required; a missing table whose dataclass has
+and stores what `parse` returns (fwbuild/refs.py's references). `setting(...)` declares a
+field with its row of the field table (`settings(cls)`): allowed `choices`, `parse`, and
+the command-line `Option` that sets it too (`fwbuild initramfs build --package ...` is
+generated from the recipe's [initramfs] table). A field without a default is required; a missing table whose dataclass has
 required fields is read as an empty table, so the error names the missing key inside it.
 
 `from_table(cls, mapping, path)` converts and rejects, as one `ConfigError` naming the
@@ -22,7 +25,8 @@ import difflib
 import re
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from .errors import ConfigError
@@ -106,6 +110,56 @@ def convert(value: Any, tp: Any, path: str) -> Any:
     raise ConfigError(f"unsupported value {value!r}", path)  # pragma: no cover - schema bug
 
 
+@dataclass(frozen=True)
+class Option:
+    """The command-line option that also sets a field (see `setting`)."""
+
+    flag: str  # e.g. "--package"
+    help: str
+    metavar: str | None = None
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One row of a document's field table: a field, its type and how it is set."""
+
+    name: str
+    type: Any
+    option: Option | None
+    choices: tuple[str, ...]
+    parse: Callable[[str, str], Any] | None
+
+    @property
+    def repeatable(self) -> bool:
+        """A list or a table: the option may be given several times (adding to the recipe's)."""
+        return typing.get_origin(self.type) in (tuple, Mapping, dict)
+
+
+def setting(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING,
+            option: Option | None = None, choices: tuple[str, ...] = (),
+            parse: Callable[[str, str], Any] | None = None) -> Any:
+    """A dataclass field with its field-table row: the TOML key (the field name), a command-line
+    `option` setting it too, the allowed `choices`, a `parse` for strings with structure."""
+    metadata = {"option": option, "choices": choices, "parse": parse}
+    if factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def settings(cls: type) -> list[Setting]:
+    """The field table of a config dataclass, in field order."""
+    hints = typing.get_type_hints(cls)
+    return [Setting(f.name, hints[f.name], f.metadata.get("option"), f.metadata.get("choices", ()),
+                    f.metadata.get("parse")) for f in toml_fields(cls).values()]
+
+
+def check_choice(value: str, choices: Sequence[str], name: str, where: str) -> None:
+    if value not in choices:
+        forms = [f"`{c}`" for c in choices]
+        raise ConfigError(f"unknown {name.replace('_', ' ')} {value!r}", where,
+                          near_miss(value, choices) or f"use {', '.join(forms[:-1])} or {forms[-1]}")
+
+
 def toml_fields(cls: type) -> dict[str, dataclasses.Field[Any]]:
     """The fields of `cls` a TOML table may set (init fields not marked `metadata={"toml": False}`)."""
     return {f.name: f for f in dataclasses.fields(cls)
@@ -129,6 +183,9 @@ def from_table(cls: type, mapping: Mapping[str, Any], path: str = "", **extra: A
         parse = fields[key].metadata.get("parse")
         kwargs[key] = (parse(convert(value, str, key_path), key_path) if parse is not None
                        else convert(value, hints[key], key_path))
+        choices = fields[key].metadata.get("choices")
+        if choices:
+            check_choice(kwargs[key], choices, key, key_path)
     for name, f in fields.items():
         if name in kwargs or not _required(f):
             continue

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .configmodel import convert, in_file, near_miss
+from .configmodel import Option, convert, in_file, near_miss, setting
 from .errors import BootconfError, ConfigError
-from .refs import BUILTIN, FAKE, PACKAGE, SOURCE, SYNTHETIC, TEMPLATE, Ref, ref_field
+from .refs import BUILTIN, FAKE, PACKAGE, SOURCE, SYNTHETIC, TEMPLATE, Ref, ref_parser
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
@@ -50,7 +50,7 @@ class AptRepository:
 class RecipeInfo:
     name: str
     description: str = ""
-    target: str = "pi5"
+    target: str = setting("pi5", choices=("pi5", "virtual"))
     source_date_epoch: int = 0
 
 
@@ -74,26 +74,35 @@ class Site:
 class Eeprom:
     """`base` is `synthetic:ab`, `synthetic:non-ab` or `source:<name>` (fwbuild/refs.py)."""
 
-    base: Ref = field(default=Ref(SYNTHETIC, "ab"), metadata=ref_field(SYNTHETIC, SOURCE))
+    base: Ref = setting(Ref(SYNTHETIC, "ab"), parse=ref_parser(SYNTHETIC, SOURCE))
     variants: tuple[str, ...] = VARIANTS
     templates: Mapping[str, str] = field(default_factory=dict)
 
 
+COMPRESSIONS = ("zstd", "xz", "gzip", "none")
+
+
 @dataclass(frozen=True)
 class Initramfs:
-    packages: tuple[str, ...] = ()
-    binaries: tuple[str, ...] = ()
-    modules: tuple[str, ...] = ()
-    kernel_package: str = ""
-    init: Ref = field(default=Ref(BUILTIN, "default"), metadata=ref_field(BUILTIN, TEMPLATE))
-    compression: str = "zstd"
-    files: Mapping[str, str] = field(default_factory=dict)
+    """The [initramfs] table; the fields with an Option are also `fwbuild initramfs build` options."""
+
+    packages: tuple[str, ...] = setting((), option=Option("--package", "Debian arm64 package (repeatable)."))
+    binaries: tuple[str, ...] = setting((), option=Option(
+        "--binary", "Path from the packages to include with its ELF closure (repeatable)."))
+    modules: tuple[str, ...] = setting((), option=Option("--module", "Kernel module name (repeatable)."))
+    kernel_package: str = setting("", option=Option(
+        "--kernel-package", "linux-image-* package the modules come from."))
+    init: Ref = setting(Ref(BUILTIN, "default"), parse=ref_parser(BUILTIN, TEMPLATE), option=Option(
+        "--init", "Init template: builtin:NAME or a path to a jinja2 template."))
+    compression: str = setting("zstd", choices=COMPRESSIONS, option=Option("--compression", "Default: zstd."))
+    files: Mapping[str, str] = setting(factory=dict, option=Option(
+        "--file", "Extra file (repeatable).", metavar="DEST=HOSTPATH"))
     variables: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class Bootimg:
-    kernel: Ref = field(default=Ref(PACKAGE), metadata=ref_field(PACKAGE, SOURCE))
+    kernel: Ref = setting(Ref(PACKAGE), parse=ref_parser(PACKAGE, SOURCE))
     kernel_name: str = "kernel_2712.img"
     dtbs: tuple[str, ...] = ()
     cmdline: str = "console=serial0,115200 console=tty1"
@@ -107,7 +116,7 @@ class Bootimg:
 class Recovery:
     """`recovery_bin` is `source:<name>` or `fake` (virtual recipes only)."""
 
-    recovery_bin: Ref = field(default=Ref(FAKE), metadata=ref_field(FAKE, SOURCE))
+    recovery_bin: Ref = setting(Ref(FAKE), parse=ref_parser(FAKE, SOURCE))
     variant: str = "recovery"
 
 
@@ -160,8 +169,6 @@ def _check(recipe: Recipe) -> None:
     if not _NAME.match(info.name):
         raise ConfigError(f"invalid recipe name {info.name!r}", "recipe.name",
                           "lowercase letters, digits, `-` and `_` (it names the out/ directory)")
-    if info.target not in ("pi5", "virtual"):
-        raise ConfigError(f"unknown target {info.target!r}", "recipe.target", "use `pi5` or `virtual`")
     if info.source_date_epoch < 0:
         raise ConfigError("source_date_epoch must be >= 0", "recipe.source_date_epoch")
     for name, source in recipe.sources.items():
@@ -189,9 +196,6 @@ def _check(recipe: Recipe) -> None:
         if variant not in recipe.eeprom.variants:
             raise ConfigError(f"template for a variant that is not built: {variant!r}",
                               f"eeprom.templates.{variant}", near_miss(variant, recipe.eeprom.variants))
-    if recipe.initramfs.compression not in ("zstd", "xz", "gzip", "none"):
-        raise ConfigError(f"unknown compression {recipe.initramfs.compression!r}",
-                          "initramfs.compression", "use `zstd`, `xz`, `gzip` or `none`")
     for dest in recipe.initramfs.files:
         if not dest.startswith("/") or ".." in dest.split("/"):
             raise ConfigError(f"invalid destination {dest!r}", f"initramfs.files.{dest}",

@@ -94,8 +94,8 @@ def parse_ref(text: str, where: str, kinds: Sequence[str]) -> Ref:
     return ref
 
 
-def ref_field(*kinds: str) -> dict[str, Callable[[str, str], Ref]]:
-    """Field metadata for the config model: the TOML string is parsed into a Ref of `kinds`."""
+def ref_parser(*kinds: str) -> Callable[[str, str], Ref]:
+    """A `parse` for the config model's field table: the TOML string as a Ref of `kinds`."""
     def parse(text: str, where: str) -> Ref:
         return parse_ref(text, where, kinds)
-    return {"parse": parse}
+    return parse
