@@ -12,12 +12,13 @@ import dataclasses
 import hashlib
 import re
 import tomllib
+import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .configmodel import Option, convert, in_file, near_miss, setting
+from .configmodel import Option, convert, in_file, near_miss, setting, settings
 from .errors import BootconfError, ConfigError
 from .refs import BUILTIN, FAKE, PACKAGE, SOURCE, SYNTHETIC, TEMPLATE, Ref, ref_parser
 
@@ -253,16 +254,42 @@ def parse_recipe(mapping: Mapping[str, Any], directory: str = ".", digest: str =
     return recipe
 
 
+_TABLES: dict[str, type] = {"recipe": RecipeInfo, "keys": Keys, "site": Site, "eeprom": Eeprom,
+                             "initramfs": Initramfs, "bootimg": Bootimg, "recovery": Recovery}
+
+
+def setting_type(key_path: Sequence[str]) -> Any:
+    """The field-table type of a recipe key path (`site.http_port` -> int), None when unknown."""
+    tp: Any = {"sources": Mapping[str, Source], "apt": None}.get(key_path[0], _TABLES.get(key_path[0]))
+    for part in key_path[1:]:
+        if tp is None:
+            return None
+        if typing.get_origin(tp) in (Mapping, dict):
+            tp = typing.get_args(tp)[1]
+        elif dataclasses.is_dataclass(tp):
+            rows = {row.name: row for row in settings(tp)}  # type: ignore[arg-type]
+            row = rows.get(part)
+            tp = None if row is None else (str if row.parse else row.type)
+        else:
+            return None
+    return tp
+
+
 def apply_override(mapping: dict[str, Any], assignment: str) -> None:
-    """Apply one `--set key.path=value` (value parsed as TOML when it can be, else a string)."""
+    """Apply one `--set key.path=value`. The value is read as the recipe's field table types the
+    key: a string field takes the text as is (`--set recipe.name=2024` is a name); other fields
+    read it as a TOML value (`8080`, `true`, `["a", "b"]`), and unknown keys too (then refused
+    by the same checks as the file, blamed on the --set)."""
     key, sep, raw = assignment.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"bad --set {assignment!r}", "--set", "use --set key.path=value, e.g. site.http_port=8080")
+    parts = key.strip().split(".")
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw
-    parts = key.strip().split(".")
+    if setting_type(parts) is str and not isinstance(value, str):
+        value = raw
     node = mapping
     for part in parts[:-1]:
         child = node.setdefault(part, {})
