@@ -85,7 +85,6 @@ class InitramfsResult:
     provenance: Mapping[str, list[str]]      # "/path" -> reason chain
     kernel_version: str = ""
     builtin_modules: tuple[str, ...] = ()
-    module_load_order: tuple[str, ...] = ()
 
     def provenance_document(self) -> dict[str, Any]:
         """The sidecar `<initramfs>.provenance.json` (what `fwbuild initramfs why` reads)."""
@@ -270,7 +269,6 @@ def build_initramfs(spec: InitramfsSpec, cache: Cache, progress: Progress | None
         provenance=tree.provenance(),
         kernel_version=modules.kernel_version if modules else "",
         builtin_modules=tuple(modules.builtin) if modules else (),
-        module_load_order=tuple(modules.load_order) if modules else (),
     )
 
 
