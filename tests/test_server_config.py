@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from test_server_support import HOST_KEY_LINE
+from server_support import HOST_KEY_LINE
 
 from fwbuild.errors import RecipeError, UsageError
 from server.config import Endpoint, HostKey, load_config, parse_config, parse_host_keys

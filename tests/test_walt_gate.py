@@ -7,14 +7,14 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from test_gate_sshd import A, Site, _ssh, pytestmark  # noqa: F401 - skip marks
-from test_gate_sshd import site as site_fixture  # noqa: F401 - the `site` fixture
-from test_server_support import (  # noqa: F401 - fixtures
+from server_support import (  # noqa: F401 - fixtures
     OUTSIDE,
     request,
     running_fixture,
     server_env_fixture,
 )
+from test_gate_sshd import A, Site, _ssh, pytestmark  # noqa: F401 - skip marks
+from test_gate_sshd import site as site_fixture  # noqa: F401 - the `site` fixture
 
 
 def test_check_in_from_walt_net_is_ok(site_fixture: Site) -> None:  # noqa: F811
