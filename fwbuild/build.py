@@ -35,7 +35,7 @@ def manifest_bytes(ctx: BuildContext, steps: Sequence[Step] = ()) -> bytes:
     recipe = ctx.recipe
     manifest: dict[str, Any] = {
         "fwbuild_version": __version__,
-        "recipe": {"name": recipe.name, "target": recipe.recipe.target, "sha256": recipe.digest},
+        "recipe": {"name": recipe.name, "target": recipe.info.target, "sha256": recipe.digest},
         "source_date_epoch": ctx.epoch,
         "sources": {name: {"sha256": s.sha256, "url": s.url or None, "path": s.path or None}
                     for name, s in sorted(recipe.sources.items())},
@@ -121,7 +121,7 @@ def build(recipe: Recipe, *, out_root: Path, keys_dir: Path, cache: Cache | None
     stage = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=builds))
     os.chmod(stage, 0o755)  # published artifacts are public; a server may run as another user
     ctx = BuildContext(recipe=recipe, stage=stage, cache=cache,
-                       keys=KeyPaths(keys_dir), epoch=source_date_epoch(recipe.recipe.source_date_epoch),
+                       keys=KeyPaths(keys_dir), epoch=source_date_epoch(recipe.info.source_date_epoch),
                        offline=offline, progress=progress)
     try:
         run_steps(ctx, pipeline)

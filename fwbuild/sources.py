@@ -134,8 +134,8 @@ def source_uses(recipe: Recipe) -> dict[str, list[tuple[str, str]]]:
     uses: dict[str, list[tuple[str, str]]] = {name: [] for name in recipe.sources}
     for key, step in SOURCE_REFS:
         ref = values[key]
-        if ref.startswith("source:") and ref[len("source:"):] in uses:
-            uses[ref[len("source:"):]].append((key, step))
+        if ref.kind == "source" and ref.name in uses:
+            uses[ref.name].append((key, step))
     return uses
 
 

@@ -28,6 +28,7 @@ from .layout import (
 )
 from .pipeline import BuildContext, Step
 from .recipe import resolve_path, resolved_repositories
+from .refs import FAKE, PACKAGE, SYNTHETIC, TEMPLATE, Ref
 from .sources import check_offline, needed_sources, source_path
 
 
@@ -71,7 +72,7 @@ def check_inputs(ctx: BuildContext) -> None:
             if not resolve_path(recipe, template).is_file():
                 raise BuildError("bootconf template not found", f"eeprom.templates.{variant}: {template}")
     if _selected(ctx, "initramfs"):
-        if recipe.initramfs.init.endswith(".j2") and not resolve_path(recipe, recipe.initramfs.init).is_file():
+        if recipe.initramfs.init.kind == TEMPLATE and not resolve_path(recipe, recipe.initramfs.init.name).is_file():
             raise BuildError("init template not found", f"initramfs.init: {recipe.initramfs.init}")
         for dest, src in recipe.initramfs.files.items():
             if not resolve_path(recipe, src).exists():
@@ -87,8 +88,8 @@ def fetch_sources(ctx: BuildContext) -> None:
                                         progress=ctx.progress)
 
 
-def _source_bytes(ctx: BuildContext, ref: str) -> bytes:
-    return ctx.sources[ref[len("source:"):]].read_bytes()
+def _source_bytes(ctx: BuildContext, ref: Ref) -> bytes:
+    return ctx.sources[ref.name].read_bytes()
 
 
 # --- eeprom ---------------------------------------------------------------------------
@@ -97,8 +98,8 @@ def _eeprom_base(ctx: BuildContext) -> bytes:
     from .eeprom.synthetic import synthetic_image
 
     base = ctx.recipe.eeprom.base
-    if base.startswith("synthetic:"):
-        return synthetic_image(base[len("synthetic:"):])
+    if base.kind == SYNTHETIC:
+        return synthetic_image(base.name)
     return _source_bytes(ctx, base)
 
 
@@ -123,7 +124,7 @@ def eeprom_inputs(ctx: BuildContext) -> Mapping[str, str]:
     return {
         "section": _section_digest(ctx.recipe.eeprom),
         "site": _section_digest(ctx.recipe.site),
-        "base": base if base.startswith("synthetic:") else ctx.recipe.sources[base[7:]].sha256,
+        "base": str(base) if base.kind == SYNTHETIC else ctx.recipe.sources[base.name].sha256,
         "templates": _digest(json.dumps(_template_texts(ctx), sort_keys=True).encode()),
         "key": _key_digest(ctx),
         "epoch": str(ctx.epoch),
@@ -149,7 +150,7 @@ def build_eeprom(ctx: BuildContext) -> None:
 def recovery_inputs(ctx: BuildContext) -> Mapping[str, str]:
     ref = ctx.recipe.recovery.recovery_bin
     return {
-        "recovery_bin": ref if ref == "fake" else ctx.recipe.sources[ref[7:]].sha256,
+        "recovery_bin": str(ref) if ref.kind == FAKE else ctx.recipe.sources[ref.name].sha256,
         "pieeprom": _digest(ctx.get(EEPROM_IMAGE(ctx.recipe.recovery.variant))),
         "epoch": str(ctx.epoch),
     }
@@ -159,7 +160,7 @@ def build_recovery(ctx: BuildContext) -> None:
     from .recovery.archive import fake_recovery_bin, recovery_archive
 
     ref = ctx.recipe.recovery.recovery_bin
-    recovery_bin = fake_recovery_bin() if ref == "fake" else _source_bytes(ctx, ref)
+    recovery_bin = fake_recovery_bin() if ref.kind == FAKE else _source_bytes(ctx, ref)
     pieeprom = ctx.get(EEPROM_IMAGE(ctx.recipe.recovery.variant))
     ctx.put(RECOVERY_KIT, recovery_archive(recovery_bin, pieeprom, ctx.epoch))
 
@@ -184,7 +185,7 @@ def _kernel_and_dtbs(ctx: BuildContext) -> tuple[bytes, dict[str, bytes]]:
     from .initramfs.builder import stage_kernel
 
     recipe = ctx.recipe
-    if recipe.bootimg.kernel != "package":
+    if recipe.bootimg.kernel.kind != PACKAGE:
         return _source_bytes(ctx, recipe.bootimg.kernel), {}
     if not recipe.initramfs.kernel_package:
         raise BuildError("bootimg.kernel = \"package\" but no initramfs.kernel_package",
@@ -216,7 +217,7 @@ def build_bootimg(ctx: BuildContext) -> None:
         kernel = compress_cached(kernel, "gzip", ctx.cache)
     files = boot_files(kernel, ctx.get(INITRAMFS), dtbs, section.cmdline,
                        section.config, {}, kernel_name=section.kernel_name,
-                       require_dtbs=ctx.recipe.recipe.target != "virtual")
+                       require_dtbs=ctx.recipe.info.target != "virtual")
     image = build_boot_image(files, ctx.epoch)
     ctx.put(BOOT_IMG, image)
     ctx.put(BOOT_SIG, sign_boot_image(image, load_boot_key(ctx.keys.boot_key), ctx.epoch))

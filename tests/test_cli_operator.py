@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
-from test_server_support import (  # noqa: F401 - fixtures
+from server_support import (  # noqa: F401 - fixtures
     server_env_fixture,
     write_config,
 )
@@ -199,7 +199,7 @@ def test_admin_port_equal_to_server_port_refused(server_env: dict[str, Path]) ->
                        admin_port=8090)
     result = _run("serve", "--check", "--config", str(cfg))
     assert result.exit_code == 2
-    assert "Error: admin.port 8090 is also server.port (admin.port)" in result.output
+    assert f"Error: admin.port 8090 is also server.port ({cfg}: admin.port)" in result.output
     assert "Hint: the admin listener needs its own port: e.g. admin.port = 8091" in result.output
 
 

@@ -22,7 +22,7 @@ from fwbuild.eeprom.bootconf import render_bootconf
 from fwbuild.eeprom.image import parse_image, read_timestamp, replace_file
 from fwbuild.eeprom.pubkey import decode_pubkey_bin, encode_pubkey_bin
 from fwbuild.eeprom.synthetic import synthetic_image
-from fwbuild.errors import ConfigError, FormatError, SignatureError
+from fwbuild.errors import BootconfError, FormatError, SignatureError
 from fwbuild.keys import load_boot_key
 from fwbuild.sign import parse_sig
 
@@ -95,17 +95,17 @@ def test_unsigned_assembly_and_cacert() -> None:
     assert parsed.read_file("pubkey.bin") == bytes(512)
     report = verify_eeprom(image)
     assert not report.signed and report.pubkey_sha256 is None
-    with pytest.raises(ConfigError, match="HTTP_CACERT_HASH"):
+    with pytest.raises(BootconfError, match="HTTP_CACERT_HASH"):
         assemble_eeprom(AB, "[all]\nHTTP_CACERT_HASH=" + "0" * 64 + "\n", boot_key=None,
                         timestamp=TS, cacert=cacert)
-    with pytest.raises(ConfigError, match="2284 bytes, 4 over"):
+    with pytest.raises(BootconfError, match="2284 bytes, 4 over"):
         assemble_eeprom(AB, CONFIG, boot_key=None, timestamp=TS, cacert=bytes(2284))
 
 
 def test_assemble_rejects_bad_config_before_writing() -> None:
-    with pytest.raises(ConfigError, match="HTTP_HOST"):
+    with pytest.raises(BootconfError, match="HTTP_HOST"):
         assemble_eeprom(AB, "[all]\nHTTP_HOST=Bad\n", boot_key=None, timestamp=TS)
-    with pytest.raises(ConfigError, match="ASCII"):
+    with pytest.raises(BootconfError, match="ASCII"):
         assemble_eeprom(AB, "[all]\nX=\u00e9\n", boot_key=None, timestamp=TS)
 
 
@@ -117,7 +117,7 @@ def test_verify_failures(boot_key: rsa.RSAPrivateKey, other_key: rsa.RSAPrivateK
         verify_eeprom(AB, boot_key.public_key())
     # Config changed behind the signature's back.
     tampered = replace_file(signed, "bootconf.txt", CONFIG.encode() + b"BOOT_UART=1\n")
-    with pytest.raises((SignatureError, ConfigError)):
+    with pytest.raises((SignatureError, BootconfError)):
         verify_eeprom(tampered)
     tampered = replace_file(signed, "bootconf.txt", CONFIG.encode().replace(b"0xf7", b"0xf1"))
     with pytest.raises(SignatureError, match="SHA-256 mismatch"):

@@ -21,7 +21,7 @@ from fwbuild.eeprom.bootconf import (
 )
 from fwbuild.eeprom.image import parse_image
 from fwbuild.eeprom.synthetic import DEFAULT_BOOTCONF, synthetic_image
-from fwbuild.errors import ConfigError
+from fwbuild.errors import BootconfError
 
 EXTRA = [("WALT_VPN_MAC", "52:54:00:aa:bb:cc"), ("WALT_VPN_ENTRYPOINT", "vpn.example.org:2222"),
          ("WALT_VPN_BOOT_MODE", "enforced"), ("WALT_VPN_USER", "walt-vpn"),
@@ -73,9 +73,9 @@ def test_port_and_path_are_optional() -> None:
 def test_custom_template_is_strict() -> None:
     assert render_bootconf("recovery", {"mode": "2"}, "[all]\nBOOT_ORDER=0xf{{ mode }}\n") == \
         "[all]\nBOOT_ORDER=0xf2\n"
-    with pytest.raises(ConfigError, match="undefined"):
+    with pytest.raises(BootconfError, match="undefined"):
         render_bootconf("recovery", {}, "[all]\nBOOT_ORDER=0xf{{ mode }}\n")
-    with pytest.raises(ConfigError, match="syntax"):
+    with pytest.raises(BootconfError, match="syntax"):
         render_bootconf("recovery", {}, "{% for %}")
 
 
@@ -91,13 +91,13 @@ def test_custom_template_is_strict() -> None:
     ({"http_host": "x", "extra": [("K",)]}, "pairs"),
 ])
 def test_render_rejects_bad_values(values: dict[str, Any], message: str) -> None:
-    with pytest.raises(ConfigError) as caught:
+    with pytest.raises(BootconfError) as caught:
         render_bootconf("enforced", values)
     assert message in f"{caught.value} {caught.value.hint}"
 
 
 def test_unknown_variant() -> None:
-    with pytest.raises(ConfigError, match="variant"):
+    with pytest.raises(BootconfError, match="variant"):
         render_bootconf("paranoid", NODE)
 
 
@@ -158,7 +158,7 @@ BAD_LINES = [
 
 @pytest.mark.parametrize("line, message", BAD_LINES)
 def test_validation_errors(line: str, message: str) -> None:
-    with pytest.raises(ConfigError) as caught:
+    with pytest.raises(BootconfError) as caught:
         validate_bootconf(f"[all]\nBOOT_UART=1\n{line}\n", "node.txt", strict=True)
     assert message in f"{caught.value} {caught.value.hint}"
     assert caught.value.where is not None and caught.value.where.startswith("node.txt:3")
@@ -189,7 +189,7 @@ def test_unknown_keys_warn_and_strict_refuses() -> None:
         ("node.txt:4 SITE_TAG", "no documented key is close; a custom key is kept, strict validation refuses it"),
     ]
     assert "the bootloader ignores it" in result.warnings[0].what
-    with pytest.raises(ConfigError) as caught:
+    with pytest.raises(BootconfError) as caught:
         check_bootconf(text, "node.txt", strict=True)
     assert caught.value.where == "node.txt:2 BOOT_ORDR" and caught.value.hint == "did you mean BOOT_ORDER?"
     assert "strict" in caught.value.what
@@ -201,9 +201,9 @@ def test_sections_the_raspberry_pi_tools_accept() -> None:
     result = check_bootconf(text, strict=True)
     assert result.settings == {"BOOT_UART": "0", "FREEZE_VERSION": "1"} and not result.warnings
     # Values in conditional sections are still checked: the bootloader applies them.
-    with pytest.raises(ConfigError, match="unknown boot mode nibble '8'"):
+    with pytest.raises(BootconfError, match="unknown boot mode nibble '8'"):
         check_bootconf("[all]\nBOOT_UART=0\n[gpio8=0]\nBOOT_ORDER=0xf8\n")
-    with pytest.raises(ConfigError, match="not KEY=VALUE"):
+    with pytest.raises(BootconfError, match="not KEY=VALUE"):
         check_bootconf("[pi5]\nJUSTAWORD\n")
 
 
@@ -211,7 +211,7 @@ def test_duplicates_and_sections() -> None:
     warned = check_bootconf("[all]\nBOOT_ORDER=0xf1\nBOOT_ORDER=0xf2\n")
     assert warned.settings == {"BOOT_ORDER": "0xf2"}
     assert "set twice in [all] (lines 2 and 3)" in warned.warnings[0].what
-    with pytest.raises(ConfigError, match="set twice"):
+    with pytest.raises(BootconfError, match="set twice"):
         validate_bootconf("[all]\nBOOT_ORDER=0xf1\nBOOT_ORDER=0xf2\n", strict=True)
     text = "BOOT_UART=1\n[gpio8=0]\nBOOT_ORDER=0xf1\n[all]\nBOOT_ORDER=0xf7\n"
     assert validate_bootconf(text) == {"BOOT_UART": "1", "BOOT_ORDER": "0xf7"}
@@ -233,7 +233,7 @@ def _config_of_size(size: int) -> str:
 def test_size_limit_4076() -> None:
     assert len(_config_of_size(4076)) == 4076
     validate_bootconf(_config_of_size(4076))
-    with pytest.raises(ConfigError) as caught:
+    with pytest.raises(BootconfError) as caught:
         validate_bootconf(_config_of_size(4077))
     message = str(caught.value)
     assert "4077 bytes, 1 over the 4076-byte limit" in message
@@ -242,7 +242,7 @@ def test_size_limit_4076() -> None:
 
 def test_size_error_through_render() -> None:
     values = dict(NODE, extra=[("WALT_VPN_CREDS", base64.b64encode(b"\x1f\x8b" + b"x" * 3400).decode())])
-    with pytest.raises(ConfigError, match=r"over the 4076-byte limit; largest keys: WALT_VPN_CREDS \(4552 B\)"):
+    with pytest.raises(BootconfError, match=r"over the 4076-byte limit; largest keys: WALT_VPN_CREDS \(4552 B\)"):
         render_bootconf("enforced", values)
 
 
@@ -279,7 +279,7 @@ BASES = {layout: synthetic_image(layout) for layout in ("ab", "non-ab")}
 
 def test_recipe_templates_are_validated_strictly() -> None:
     # A recipe's own template with a misspelt key: refused, not written into a signed image.
-    with pytest.raises(ConfigError) as caught:
+    with pytest.raises(BootconfError) as caught:
         render_bootconf("recovery", {}, "[all]\nBOOT_ORDR=0xf21\n")
     assert "did you mean BOOT_ORDER?" in f"{caught.value} {caught.value.hint}"
     assert caught.value.where == "bootconf.txt (recovery):2 BOOT_ORDR"
@@ -288,7 +288,7 @@ def test_recipe_templates_are_validated_strictly() -> None:
     # Keys the caller declares through `extra` are deliberate; WALT_VPN_* ones must exist.
     text = render_bootconf("enforced", dict(NODE, extra=[("SITE_TAG", "rack4")]))
     assert "SITE_TAG=rack4\n" in text
-    with pytest.raises(ConfigError) as caught:
+    with pytest.raises(BootconfError) as caught:
         render_bootconf("enforced", dict(NODE, extra=[("WALT_VPN_MACC", "52:54:00:aa:bb:cc")]))
     assert caught.value.hint == "did you mean WALT_VPN_MAC?"
     for variant in VARIANTS:  # the shipped templates pass strict validation
@@ -297,7 +297,7 @@ def test_recipe_templates_are_validated_strictly() -> None:
 
 def test_size_error_counts_comments() -> None:
     text = "[all]\nBOOT_UART=1\n" + "# " + "c" * 4000 + "\nHDMI_DELAY=0\n" + "# more\n" * 10
-    with pytest.raises(ConfigError) as caught:
+    with pytest.raises(BootconfError) as caught:
         validate_bootconf(text)
     assert "largest keys: comments (4073 B), HDMI_DELAY (13 B), BOOT_UART (12 B)" in str(caught.value)
 
@@ -317,7 +317,7 @@ def test_any_text_gives_settings_or_a_config_error(lines: list[str], strict: boo
     text = "\n".join(lines) + "\n"
     try:
         result = check_bootconf(text, strict=strict)
-    except ConfigError as exc:
+    except BootconfError as exc:
         assert exc.where is not None and exc.where.startswith("bootconf.txt")
         return
     assert not (strict and result.warnings)

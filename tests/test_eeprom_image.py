@@ -30,7 +30,7 @@ from fwbuild.eeprom.synthetic import (
     is_virtual,
     synthetic_image,
 )
-from fwbuild.errors import ConfigError, FormatError, FwbuildError, UsageError
+from fwbuild.errors import BootconfError, FormatError, FwbuildError, UsageError
 
 LAYOUTS = ("ab", "non-ab", "2711")  # 2712 AB, 2712 non-AB, 2711 (Pi 4, non-AB)
 AB = synthetic_image("ab")
@@ -130,7 +130,7 @@ def test_2711_limits_come_from_its_table() -> None:
     assert {n: image.file_capacity(n) for n in MODIFIABLE_FILES} == {
         "bootconf.txt": 4076, "bootconf.sig": 4072, "pubkey.bin": 4072, "cacert.der": 4072}
     assert any(s.kind == "blob" for s in image.sections)
-    with pytest.raises(ConfigError, match="4073 bytes, 1 over its 4072-byte slot"):
+    with pytest.raises(BootconfError, match="4073 bytes, 1 over its 4072-byte slot"):
         replace_file(PI4, "bootconf.sig", b"x" * 4073)
 
 
@@ -182,7 +182,7 @@ def test_bootconf_limit_4076(layout: str) -> None:
     assert parse_image(data).file_capacity("bootconf.txt") == 4076
     ok = replace_file(data, "bootconf.txt", b"#" * 4076)
     assert parse_image(ok).read_file("bootconf.txt") == b"#" * 4076
-    with pytest.raises(ConfigError, match="1 over"):
+    with pytest.raises(BootconfError, match="1 over"):
         replace_file(data, "bootconf.txt", b"#" * 4077)
 
 
@@ -195,7 +195,7 @@ def test_cacert_capacity_from_the_table_on_ab() -> None:
     assert parsed.read_file("cacert.der") == b"\x30" * 2280
     assert parsed.find_file("bootconf.sig").offset == 0xA2C00
     assert parsed.read_file("bootconf.sig") == bytes(1024)
-    with pytest.raises(ConfigError, match="2284 bytes, 4 over"):
+    with pytest.raises(BootconfError, match="2284 bytes, 4 over"):
         replace_file(AB, "cacert.der", b"\x30" * 2284)
 
 
@@ -242,14 +242,14 @@ def test_timestamps() -> None:
     pi4 = set_timestamp(PI4, 1_700_000_000)
     assert pi4[-8:] == expected and pi4[:-8] == PI4[:-8] and read_timestamp(pi4) == 1_700_000_000
     assert decode_timestamp(bytes.fromhex("00000000ffffffff")) is None
-    with pytest.raises(ConfigError):
+    with pytest.raises(BootconfError):
         set_timestamp(AB, -1)
-    with pytest.raises(ConfigError):
+    with pytest.raises(BootconfError):
         set_timestamp(AB, 1 << 32)
 
 
 def test_updates_are_all_or_nothing() -> None:
-    with pytest.raises(ConfigError):
+    with pytest.raises(BootconfError):
         replace_files(AB, {"bootconf.txt": b"ok\n", "cacert.der": b"x" * 3000}, timestamp=5)
 
 

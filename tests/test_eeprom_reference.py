@@ -24,7 +24,7 @@ from fwbuild.eeprom.assemble import verify_eeprom
 from fwbuild.eeprom.bootconf import check_bootconf
 from fwbuild.eeprom.image import MODIFIABLE_FILES, parse_image, read_timestamp, replace_files
 from fwbuild.eeprom.synthetic import synthetic_image
-from fwbuild.errors import ConfigError, FormatError
+from fwbuild.errors import BootconfError, FormatError
 from fwbuild.sign import build_sig
 
 DATA = Path(__file__).parent / "data" / "rpi-eeprom"
@@ -114,7 +114,7 @@ def test_vendored_images_are_the_upstream_files() -> None:
 @pytest.mark.parametrize("config", CONFIGS + TEST_CONFIGS, ids=lambda p: p.name)
 def test_every_rpi_eeprom_config_is_accepted(config: Path, tmp_path: Path) -> None:
     text = config.read_text()
-    check_bootconf(text, config.name)  # no ConfigError
+    check_bootconf(text, config.name)  # no BootconfError
     out = tmp_path / "out.bin"
     source = tmp_path / "in.bin"
     source.write_bytes(image(PI4_LATEST))
@@ -193,7 +193,7 @@ def test_reference_overflow_is_refused_not_written(tmp_path: Path) -> None:
     cacert.der over the next section's header. fwbuild refuses it (2280 is the real maximum)."""
     data = image(AB_2712)
     assert parse_image(data).file_capacity("cacert.der") == 2280
-    with pytest.raises(ConfigError, match="2284 bytes, 4 over its 2280-byte slot"):
+    with pytest.raises(BootconfError, match="2284 bytes, 4 over its 2280-byte slot"):
         replace_files(data, {"cacert.der": b"\x30" * 2284})
     broken = oracle(data, {"cacert.der": b"\x30" * 2284}, tmp_path)
     with pytest.raises(FormatError):

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from test_server_support import (
+from server_support import (
     SUBNETS,
     copy_keys,
     enroll,
@@ -383,7 +383,7 @@ def test_entrypoint_ssh_scripts(tmp_path: Path, session_keys: Path) -> None:
     import re
 
     from click.testing import CliRunner
-    from test_server_support import write_config
+    from server_support import write_config
 
     from fwbuild.cli import main
     from fwbuild.sshgate import gate_command, gate_line

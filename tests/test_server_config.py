@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from test_server_support import HOST_KEY_LINE
+from server_support import HOST_KEY_LINE
 
 from fwbuild.errors import RecipeError, UsageError
 from server.config import Endpoint, HostKey, load_config, parse_config, parse_host_keys
@@ -193,7 +193,8 @@ def test_serve_with_bad_config_is_a_clear_error(tmp_path: Path) -> None:
     typo.write_text('[server]\nlisten_port = 80\n')
     result = CliRunner().invoke(main, ["nodes", "list", "--config", str(typo)])
     assert result.exit_code == 2
-    assert "unknown key `listen_port` (server.listen_port)" in result.output
+    # the message names the file and the key path in it (as for recipes)
+    assert f"unknown key `listen_port` ({typo}: server.listen_port)" in result.output
     assert "Traceback" not in result.output
 
 

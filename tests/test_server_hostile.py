@@ -17,7 +17,7 @@ from urllib.parse import quote
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from test_server_support import (
+from server_support import (
     INSIDE,
     OUTSIDE,
     copy_keys,

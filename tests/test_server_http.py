@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 from cryptography.hazmat.primitives import serialization
-from test_server_support import (  # noqa: F401 - fixtures
+from server_support import (  # noqa: F401 - fixtures
     INSIDE,
     OUTSIDE,
     db_snapshot,

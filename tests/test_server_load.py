@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_server_support import (
+from server_support import (
     Reply,
     copy_keys,
     enroll,

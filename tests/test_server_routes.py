@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_server_support import (  # noqa: F401 - fixtures
+from server_support import (  # noqa: F401 - fixtures
     INSIDE,
     OUTSIDE,
     db_snapshot,

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import serialization
-from test_server_support import (
+from server_support import (
     OUTSIDE,
     bound_test_macs,
     copy_keys,

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from test_server_support import copy_keys, enroll, make_artifacts, node_ip, request, write_config
+from server_support import copy_keys, enroll, make_artifacts, node_ip, request, write_config
 
 from fwbuild.cli import main
 from fwbuild.eeprom.bootconf import parse_bootconf

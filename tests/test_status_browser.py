@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_server_support import (  # noqa: F401 - fixtures
+from server_support import (  # noqa: F401 - fixtures
     enroll,
     running_fixture,
     server_env_fixture,

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from test_server_support import (  # noqa: F401 - fixtures
+from server_support import (  # noqa: F401 - fixtures
     OUTSIDE,
     db_snapshot,
     enroll,

@@ -14,15 +14,15 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from test_gate_sshd import MAC_A, A, Site, _sftp, _ssh, pytestmark  # noqa: F401 - skip marks
-from test_gate_sshd import site as site_fixture  # noqa: F401 - the `site` fixture
-from test_server_support import (  # noqa: F401 - fixtures
+from server_support import (  # noqa: F401 - fixtures
     OUTSIDE,
     node_ip,
     request,
     running_fixture,
     server_env_fixture,
 )
+from test_gate_sshd import MAC_A, A, Site, _sftp, _ssh, pytestmark  # noqa: F401 - skip marks
+from test_gate_sshd import site as site_fixture  # noqa: F401 - the `site` fixture
 from test_walt_protocol import walt_enroll
 from test_walt_replay import (
     WaltClient,

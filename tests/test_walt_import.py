@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from test_server_support import copy_keys, make_artifacts, write_config
+from server_support import copy_keys, make_artifacts, write_config
 from test_vpnboot import SFTP_INIT, SFTP_VERSION
 
 from fwbuild.cli import main

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from click.testing import CliRunner
-from test_server_support import (  # noqa: F401 - fixtures
+from server_support import (  # noqa: F401 - fixtures
     node_ip,
     request,
     running_fixture,

@@ -86,7 +86,6 @@ class InitramfsResult:
     provenance: Mapping[str, list[str]]      # "/path" -> reason chain
     kernel_version: str = ""
     builtin_modules: tuple[str, ...] = ()
-    module_load_order: tuple[str, ...] = ()
 
     def provenance_document(self) -> dict[str, Any]:
         """The sidecar `<initramfs>.provenance.json` (what `fwbuild initramfs why` reads)."""
@@ -277,7 +276,6 @@ def build_initramfs(spec: InitramfsSpec, cache: Cache, progress: Progress | None
         provenance=tree.provenance(),
         kernel_version=modules.kernel_version if modules else "",
         builtin_modules=tuple(modules.builtin) if modules else (),
-        module_load_order=tuple(modules.load_order) if modules else (),
     )
 
 
@@ -310,7 +308,7 @@ def spec_from_recipe(recipe: Recipe, *, epoch: int,
     built-in init they are `InitSettings`, checked when the init is built).
     """
     section = recipe.initramfs
-    init = section.init if section.init.startswith("builtin:") else str(resolve_path(recipe, section.init))
+    init = str(section.init) if section.init.kind == "builtin" else str(resolve_path(recipe, section.init.name))
     repositories = resolved_repositories(recipe)
     return InitramfsSpec(
         packages=section.packages or InitramfsSpec.packages,

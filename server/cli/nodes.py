@@ -14,13 +14,18 @@ import contextlib
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from ..errors import UsageError
-from ._common import emit_json, json_option
-from .cmd_server import config_option
+if TYPE_CHECKING:
+    from ..db import NodeRow
+    from ..service import Service
+
+from fwbuild.cli._common import emit_json, json_option
+from fwbuild.errors import UsageError
+
+from .serve import config_option
 
 
 def when(ts: int | None) -> str:
@@ -28,7 +33,7 @@ def when(ts: int | None) -> str:
 
 
 @contextlib.contextmanager
-def _service(config_path: Path) -> Iterator[Any]:
+def _service(config_path: Path) -> Iterator[Service]:
     """The server's core on its state database; without a database (no node ever
     enrolled) an error, and nothing is created."""
     from server.config import load_config
@@ -48,16 +53,16 @@ def _service(config_path: Path) -> Iterator[Any]:
         service.close()
 
 
-def _resolve(service: Any, names: tuple[str, ...]) -> list[Any]:
+def _resolve(service: Service, names: tuple[str, ...]) -> list[NodeRow]:
     """The nodes named (MACs or labels), each once, in the order given; all or an error."""
-    found: dict[str, Any] = {}
+    found: dict[str, NodeRow] = {}
     for name in names:
         node = service.find(name)
         found.setdefault(node.mac, node)
     return list(found.values())
 
 
-def _confirm(action: str, nodes: list[Any], consequence: str, yes: bool) -> None:
+def _confirm(action: str, nodes: list[NodeRow], consequence: str, yes: bool) -> None:
     if yes:
         return
     from server.macs import colon_mac

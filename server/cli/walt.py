@@ -6,8 +6,9 @@ from pathlib import Path
 
 import click
 
-from ._common import emit_json, json_option, note
-from .cmd_server import config_option
+from fwbuild.cli._common import emit_json, json_option, note
+
+from .serve import config_option
 
 _FILE = click.Path(dir_okay=False, exists=False, path_type=Path)
 

@@ -1,5 +1,4 @@
-"""Commands: serve, entrypoint (the server side; the core lives in `server/`; the
-`nodes` commands are in cmd_nodes)."""
+"""Commands: serve, entrypoint (the `nodes` commands are in nodes.py)."""
 
 from __future__ import annotations
 
@@ -9,9 +8,14 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
+
+if TYPE_CHECKING:
+    from ..config import Endpoint
+    from ..run import RunningServer
+    from ..service import Service
 
 F = TypeVar("F", bound=Callable[..., Any])
 DEFAULT_CONFIG = "server.toml"
@@ -26,7 +30,7 @@ def config_option(func: F) -> F:
 
 
 @contextlib.contextmanager
-def _service(config_path: Path) -> Iterator[Any]:
+def _service(config_path: Path) -> Iterator[Service]:
     """The server's core on its state database (safe beside a running server), closed after use."""
     from server.config import load_config
     from server.service import Service
@@ -65,7 +69,7 @@ def serve(config_path: Path, log_level: str, check: bool) -> None:
     logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    def ready(running: Any) -> None:
+    def ready(running: RunningServer) -> None:
         click.echo(f"fwbuild server: nodes on http://{config.listen}:{running.port}/walt-vpn/, "
                    f"admin on http://{config.admin.listen}:{running.admin_port}/", err=True)
 
@@ -77,7 +81,7 @@ def entrypoint_group() -> None:
     """Print the setup of the site's HTTP and SSH entrypoints."""
 
 
-def _server_endpoint(text: str | None, config_path: Path, default_port: int | None) -> Any:
+def _server_endpoint(text: str | None, config_path: Path, default_port: int | None) -> Endpoint:
     from server.config import load_config, parse_endpoint
 
     if text:

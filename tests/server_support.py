@@ -1,4 +1,4 @@
-"""Helpers shared by the server tests (no tests here): artifact sets, configs, clients.
+"""Support module (not a test module) for the server tests: artifact sets, configs, clients.
 
 Everything runs on loopback: the server binds 127.0.0.1. The enrollment subnet is
 127.0.0.0/9; each test node has its own source address there (`node_ip(mac)`, bound in
