@@ -1,5 +1,5 @@
 """Several `fwbuild serve` processes on loopback sharing one state, behind a real nginx
-HTTP entrypoint with its boot image cache (tests/test_server_shared.py, bench/scale.py).
+HTTP entrypoint with its boot image cache (tests/server/test_server_shared.py, bench/scale.py).
 
 Each instance has its own config, state directory (RevokedKeys file, rendered EEPROM
 cache) and ports, and the same keys, artifact set and `server.database` (a PostgreSQL

@@ -1,7 +1,7 @@
 """The server's commands, registered into `fwbuild` by `register(main)`.
 
 fwbuild/cli/__init__.py calls `register` once: it is the only place where the fwbuild
-core's CLI names the server package (tests/test_structure.py holds that contract). The
+core's CLI names the server package (tests/core/test_structure.py holds that contract). The
 commands here use the CLI plumbing of fwbuild.cli._common (output modes, errors, JSON).
 """
 
