@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import RecipeError
+from .errors import BuildError, RecipeError
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
@@ -276,6 +276,13 @@ def _check(recipe: Recipe) -> None:
     if not (init.startswith("builtin:") or init.endswith(".j2")):
         raise RecipeError(f"invalid init {init!r}", "initramfs.init",
                           "use `builtin:default`, `builtin:vpn` or a path to a `.j2` template")
+    if init.startswith("builtin:"):   # its variables are InitSettings: checked here, before any download
+        from .initramfs.init.settings import InitSettings
+
+        try:
+            InitSettings.from_variables(recipe.initramfs.variables)
+        except BuildError as exc:
+            raise RecipeError(exc.what, exc.where, exc.hint) from None
     for dest in recipe.initramfs.files:
         if not dest.startswith("/") or ".." in dest.split("/"):
             raise RecipeError(f"invalid destination {dest!r}", f"initramfs.files.{dest}",
