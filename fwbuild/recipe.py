@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .configmodel import Option, convert, in_file, near_miss, setting, settings
-from .errors import BootconfError, ConfigError
+from .errors import BootconfError, BuildError, ConfigError
 from .refs import BUILTIN, FAKE, PACKAGE, SOURCE, SYNTHETIC, TEMPLATE, Ref, ref_parser
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -197,6 +197,13 @@ def _check(recipe: Recipe) -> None:
         if variant not in recipe.eeprom.variants:
             raise ConfigError(f"template for a variant that is not built: {variant!r}",
                               f"eeprom.templates.{variant}", near_miss(variant, recipe.eeprom.variants))
+    if recipe.initramfs.init.kind == BUILTIN:  # its variables are InitSettings: checked here, before any download
+        from .initramfs.init.settings import InitSettings
+
+        try:
+            InitSettings.from_variables(recipe.initramfs.variables)
+        except BuildError as exc:
+            raise ConfigError(exc.what, exc.where, exc.hint) from None
     for dest in recipe.initramfs.files:
         if not dest.startswith("/") or ".." in dest.split("/"):
             raise ConfigError(f"invalid destination {dest!r}", f"initramfs.files.{dest}",

@@ -58,6 +58,8 @@ INVALID: dict[str, tuple[str, str, str]] = {
                      'variants = ["recovery", "permisive", "enforced"]',
                      "unknown EEPROM variant 'permisive' @ eeprom.variants[1]"),
     "bad_reference": ('init = "builtin:vpn"', 'init = "vpn"', "invalid init 'vpn' @ initramfs.init"),
+    "init_variable": ('compression = "zstd"', 'compression = "zstd"\nvariables = { retires = "3" }',
+                      "unknown init setting 'retires' @ initramfs.variables.retires"),
     "unknown_target": ('target = "virtual"', 'target = "virtaul"',
                        "unknown target 'virtaul' @ recipe.target"),
 }

@@ -1,4 +1,6 @@
 # shellcheck shell=sh
+# shellcheck disable=SC2034  # its globals are read by the other files /init sources
+# (shellcheck checks each library file alone)
 # Library of the VPN init (/lib/fwbuild-init/config.sh): the node's configuration
 # (fw_cfg or blconfig nvmem, the kernel command line) and its checks. The build's own
 # settings (RETRIES, FW_CFG_NAME, ...) are in /etc/fwbuild-init.conf, sourced before this.
@@ -55,6 +57,7 @@ parse_config() {
 # walt_vpn.backoff=SECONDS, walt_vpn.min_session=SECONDS, walt_vpn.flash_pause=STEP (the
 # EEPROM write stops after that step and waits, for a power cut).
 parse_cmdline() {
+    # shellcheck disable=SC2013  # the command line is one line of words
     for word in $(cat /proc/cmdline); do
         case "${word#*=}" in ''|*[!0-9]*) continue ;; esac
         case "$word" in
@@ -92,7 +95,7 @@ check_config() {
         say "config: no WALT_VPN_ROOT (a WalT-written EEPROM): root = $ROOT_NAME"
     elif [ -z "${CFG_WALT_VPN_ROOT:-}" ]; then
         iface=$(first_interface) || fatal "config: no WALT_VPN_ROOT and no network interface to name the default"
-        own_mac=$(cat "/sys/class/net/$iface/address" 2>/dev/null | tr 'A-F' 'a-f')
+        own_mac=$(tr 'A-F' 'a-f' < "/sys/class/net/$iface/address" 2>/dev/null)
         own_mac12=$(printf '%s' "$own_mac" | tr -d :)
         CFG_WALT_VPN_ROOT=$(printf '%s' "$VPN_ROOT_DEFAULT" | sed "s/{mac12}/$own_mac12/g; s/{mac}/$own_mac/g")
         ROOT_NAME=$CFG_WALT_VPN_ROOT
