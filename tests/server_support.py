@@ -15,6 +15,7 @@ import os
 import shutil
 import socket
 import sqlite3
+import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -228,3 +229,34 @@ def sha256(data: bytes) -> str:
 
 def file_mode(path: Path) -> int:
     return os.stat(path).st_mode & 0o777
+
+
+def node_files(port: int, mac12: str, directory: Path) -> dict[str, Path]:
+    """The node's SSH files (key, certificate, known_hosts), unpacked from WALT_VPN_CREDS in the
+    pieeprom.bin the server renders for it (fetched from the node's own address)."""
+    from fwbuild.eeprom.bootconf import parse_bootconf
+    from fwbuild.eeprom.image import parse_image
+    from server.certs import read_creds
+
+    image = request(port, "GET", f"/walt-vpn/node/{mac12}/pieeprom.bin", source=node_ip(mac12))
+    assert image.status == 200, image.text
+    conf = parse_bootconf(parse_image(image.body).read_file("bootconf.txt").decode())
+    directory.mkdir()
+    paths = {}
+    for name, data in read_creds(conf["WALT_VPN_CREDS"]).items():
+        path = directory / name
+        path.write_bytes(data)
+        path.chmod(0o600)
+        paths[name] = path
+    return paths
+
+
+def node_ssh(files: dict[str, Path], port: int) -> subprocess.CompletedProcess[str]:
+    """`ssh ... true` to the test sshd on 127.0.0.1:`port` with the node's files, host key pinned."""
+    return subprocess.run(
+        ["ssh", "-F", "/dev/null", "-i", str(files["id_ed25519"]),
+         "-o", f"CertificateFile={files['id_ed25519-cert.pub']}", "-o", "IdentitiesOnly=yes",
+         "-o", "BatchMode=yes", "-o", f"UserKnownHostsFile={files['known_hosts']}",
+         "-o", "GlobalKnownHostsFile=/dev/null", "-o", "StrictHostKeyChecking=yes",
+         "-o", "ConnectTimeout=30", "-p", str(port), "root@127.0.0.1", "true"],
+        capture_output=True, text=True, timeout=120, check=False)

@@ -31,7 +31,9 @@ from tests.server_support import (
     copy_keys,
     enroll,
     make_artifacts,
+    node_files,
     node_ip,
+    node_ssh,
     request,
     write_node_addresses,
 )
@@ -227,32 +229,6 @@ def test_200_enrollments_over_two_instances(site: dict[str, Any]) -> None:
             request(b.admin_port, "GET", f"/api/nodes/{mac}").json()["vpn_mac"]
 
 
-def _node_files(port: int, mac12: str, directory: Path) -> dict[str, Path]:
-    from fwbuild.eeprom.bootconf import parse_bootconf
-    from fwbuild.eeprom.image import parse_image
-    from server.certs import read_creds
-
-    image = request(port, "GET", f"/walt-vpn/node/{mac12}/pieeprom.bin", source=node_ip(mac12))
-    assert image.status == 200, image.text
-    conf = parse_bootconf(parse_image(image.body).read_file("bootconf.txt").decode())
-    directory.mkdir()
-    paths = {}
-    for name, data in read_creds(conf["WALT_VPN_CREDS"]).items():
-        path = directory / name
-        path.write_bytes(data)
-        path.chmod(0o600)
-        paths[name] = path
-    return paths
-
-
-def _ssh(files: dict[str, Path], port: int) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["ssh", "-F", "/dev/null", "-i", str(files["id_ed25519"]),
-         "-o", f"CertificateFile={files['id_ed25519-cert.pub']}", "-o", "IdentitiesOnly=yes",
-         "-o", "BatchMode=yes", "-o", f"UserKnownHostsFile={files['known_hosts']}",
-         "-o", "GlobalKnownHostsFile=/dev/null", "-o", "StrictHostKeyChecking=yes",
-         "-o", "ConnectTimeout=30", "-p", str(port), "root@127.0.0.1", "true"],
-        capture_output=True, text=True, timeout=120, check=False)
 
 
 @pytest.mark.slow
@@ -291,7 +267,7 @@ LogLevel VERBOSE
 """)
     mac12 = bound_test_macs(1)[0]
     assert enroll(b.port, mac12).status == 201
-    files = _node_files(b.port, mac12, tmp / "node")
+    files = node_files(b.port, mac12, tmp / "node")
     assert (b.state / "eeprom" / mac12).is_dir()
     os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
     with open(tmp / "sshd.log", "wb") as log:
@@ -299,7 +275,7 @@ LogLevel VERBOSE
                                 stderr=subprocess.STDOUT)
         try:
             wait_port(ssh_port, sshd, "sshd")  # type: ignore[arg-type]
-            ok = _ssh(files, ssh_port)
+            ok = node_ssh(files, ssh_port)
             assert ok.returncode == 0, ok.stderr
             def keys() -> list[str]:
                 return [line for line in b.revoked_keys.read_text().splitlines()
@@ -310,7 +286,7 @@ LogLevel VERBOSE
             deadline = time.monotonic() + 5.0
             # b's follower rewrites its RevokedKeys on a's NOTIFY; sshd reads it per login
             while True:
-                refused = _ssh(files, ssh_port)
+                refused = node_ssh(files, ssh_port)
                 if refused.returncode == 255:
                     break
                 assert time.monotonic() < deadline, \

@@ -20,9 +20,14 @@ import pytest
 from click.testing import CliRunner
 
 from fwbuild.cli import main
-from fwbuild.eeprom.bootconf import parse_bootconf
-from fwbuild.eeprom.image import parse_image
-from tests.server_support import copy_keys, enroll, make_artifacts, node_ip, request, write_config
+from tests.server_support import (
+    copy_keys,
+    enroll,
+    make_artifacts,
+    node_files,
+    node_ssh,
+    write_config,
+)
 
 pytestmark = [
     pytest.mark.slow,
@@ -104,31 +109,6 @@ LogLevel VERBOSE
             srv.stop()
 
 
-def _node_files(port: int, directory: Path) -> dict[str, Path]:
-    """The node's SSH files, unpacked from WALT_VPN_CREDS in its pieeprom.bin."""
-    from server.certs import read_creds
-
-    image = request(port, "GET", f"/walt-vpn/node/{MAC12}/pieeprom.bin",
-                    source=node_ip(MAC12)).body
-    conf = parse_bootconf(parse_image(image).read_file("bootconf.txt").decode())
-    directory.mkdir()
-    paths = {}
-    for name, data in read_creds(conf["WALT_VPN_CREDS"]).items():
-        path = directory / name
-        path.write_bytes(data)
-        path.chmod(0o600)
-        paths[name] = path
-    return paths
-
-
-def _ssh(files: dict[str, Path], port: int) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["ssh", "-F", "/dev/null", "-i", str(files["id_ed25519"]),
-         "-o", f"CertificateFile={files['id_ed25519-cert.pub']}", "-o", "IdentitiesOnly=yes",
-         "-o", "BatchMode=yes", "-o", f"UserKnownHostsFile={files['known_hosts']}",
-         "-o", "GlobalKnownHostsFile=/dev/null", "-o", "StrictHostKeyChecking=yes",
-         "-o", "ConnectTimeout=10", "-p", str(port), "root@127.0.0.1", "true"],
-        capture_output=True, text=True, timeout=60, check=False)
 
 
 def test_sshd_accepts_then_refuses_after_revoke(setup: dict[str, Any]) -> None:
@@ -136,7 +116,7 @@ def test_sshd_accepts_then_refuses_after_revoke(setup: dict[str, Any]) -> None:
     reply = enroll(port, MAC)
     assert reply.status == 201
     info = reply.json()
-    files = _node_files(port, setup["tmp"] / "node")
+    files = node_files(port, MAC12, setup["tmp"] / "node")
 
     described = subprocess.run(["ssh-keygen", "-L", "-f", str(files["id_ed25519-cert.pub"])],
                                capture_output=True, text=True, check=True).stdout
@@ -148,12 +128,12 @@ def test_sshd_accepts_then_refuses_after_revoke(setup: dict[str, Any]) -> None:
                            text=True, check=True).stdout.split()[1]
     assert ca_fp in described
 
-    ok = _ssh(files, setup["ssh_port"])
+    ok = node_ssh(files, setup["ssh_port"])
     assert ok.returncode == 0, ok.stderr
 
     result = CliRunner().invoke(main, ["nodes", "revoke", MAC, "--yes", "--config", str(setup["config"])])
     assert result.exit_code == 0, result.output
-    refused = _ssh(files, setup["ssh_port"])
+    refused = node_ssh(files, setup["ssh_port"])
     assert refused.returncode == 255
     assert "Permission denied" in refused.stderr
     assert b"revoked" in setup["sshd_log"].read_bytes()
