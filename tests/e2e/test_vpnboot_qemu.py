@@ -313,7 +313,7 @@ def test_dropped_vpn_session_reconnects_and_root_keeps_working(guest: Guest, tmp
 
 def test_http_connect_proxy_traversal(guest: Guest, tmp_path: Path, session_keys: Path,
                                       sshd: TestSshd) -> None:
-    from test_vpnboot import ConnectProxy
+    from tests.initramfs.test_vpnboot import ConnectProxy
 
     proxy = ConnectProxy(sshd.port)
     try:
@@ -330,7 +330,7 @@ def test_http_connect_proxy_traversal(guest: Guest, tmp_path: Path, session_keys
 
 def test_http_proxy_refusal_is_one_clear_line(guest: Guest, tmp_path: Path, session_keys: Path,
                                               sshd: TestSshd) -> None:
-    from test_vpnboot import ConnectProxy
+    from tests.initramfs.test_vpnboot import ConnectProxy
 
     proxy = ConnectProxy(allowed_port=1)  # refuses every CONNECT
     try:

@@ -383,10 +383,10 @@ def test_entrypoint_ssh_scripts(tmp_path: Path, session_keys: Path) -> None:
     import re
 
     from click.testing import CliRunner
-    from server_support import write_config
 
     from fwbuild.cli import main
     from fwbuild.sshgate import gate_command, gate_line
+    from tests.server_support import write_config
 
     config = write_config(tmp_path / "server.toml", artifacts=make_artifacts(tmp_path / "out", 4096),
                           state=tmp_path / "state", keys=copy_keys(session_keys, tmp_path / "keys"),
