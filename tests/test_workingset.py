@@ -43,11 +43,13 @@ def test_read_log_keeps_the_image_reads_in_order() -> None:
     assert parse_read_log(log, "/srv/my root.img") == [(1, 2)]
 
 
-def test_coalesce_keeps_first_access_order_and_merges_neighbours() -> None:
+def test_coalesce_sorts_by_block_and_merges_neighbours() -> None:
     reads = [(100 * BLOCK, 2 * BLOCK), (102 * BLOCK, BLOCK), (5 * BLOCK, 100), (100 * BLOCK, BLOCK),
-             (110 * BLOCK, BLOCK), (500 * BLOCK, BLOCK)]
-    # 100-102, then 5; the second read of 100 adds nothing; 110 follows 5 (too far to merge).
-    assert coalesce(reads, gap_blocks=16) == ((100, 3), (5, 1), (110, 1), (500, 1))
+             (110 * BLOCK, BLOCK), (500 * BLOCK, BLOCK), (6 * BLOCK + 1, BLOCK)]
+    # Ascending: 5-7 (the last read straddles 6 and 7), 100-102 and 110 (7 blocks apart:
+    # merged with the gap), 500; the second read of 100 adds nothing.
+    assert coalesce(reads, gap_blocks=16) == ((5, 3), (100, 11), (500, 1))
+    assert coalesce(reads, gap_blocks=0) == ((5, 3), (100, 3), (110, 1), (500, 1))
     assert coalesce([(0, BLOCK), (3 * BLOCK, BLOCK)], gap_blocks=4) == ((0, 4),)
     assert coalesce([(0, BLOCK), (9 * BLOCK, BLOCK)], gap_blocks=4) == ((0, 1), (9, 1))
     assert coalesce([(0, 0)]) == ()
