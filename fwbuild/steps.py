@@ -160,19 +160,12 @@ def build_initramfs_step(ctx: BuildContext) -> None:
     """Not step-cached: apt decides the package pins; staged packages are cached by digest."""
     from .initramfs.builder import build_initramfs, spec_from_recipe
 
-    spec = spec_from_recipe(ctx.recipe, epoch=ctx.epoch, variables=init_variables(ctx))
+    spec = spec_from_recipe(ctx.recipe, epoch=ctx.epoch)
     result = build_initramfs(spec, ctx.cache, ctx.progress, offline=ctx.offline)
     ctx.add_artifact("initramfs/initramfs_2712", result.data)
     ctx.add_artifact("initramfs/initramfs_2712.provenance.json",
                      (json.dumps(result.provenance_document(), indent=1, sort_keys=True) + "\n").encode())
     ctx.packages.extend({k: str(v) for k, v in p.as_record().items()} for p in result.packages)
-
-
-def init_variables(ctx: BuildContext) -> dict[str, object]:
-    """Template values of the init: the shipped defaults, then the recipe's `initramfs.variables`."""
-    from .initramfs.init import defaults_for
-
-    return {**defaults_for(ctx.recipe.initramfs.init), **ctx.recipe.initramfs.variables}
 
 
 # --- boot image ------------------------------------------------------------------------

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -20,7 +19,7 @@ from fwbuild.eeprom.assemble import assemble_eeprom
 from fwbuild.eeprom.image import parse_image
 from fwbuild.eeprom.synthetic import synthetic_image
 from fwbuild.virtual.bootloader import running_image
-from fwbuild.virtual.vpnboot import render_vpn_init
+from fwbuild.virtual.vpnboot import write_vpn_init
 
 BUSYBOX = shutil.which("busybox")
 pytestmark = pytest.mark.skipif(BUSYBOX is None, reason="needs busybox")
@@ -32,11 +31,9 @@ TOOLS = ("sh", "od", "tr", "cut", "dd", "awk", "grep", "head", "tail", "wc", "cm
 def tool(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The helper as the init installs it, with a PATH of busybox applets only."""
     work = tmp_path_factory.mktemp("vpn-eeprom")
-    match = re.search(r"cat > \"\$1/vpn-eeprom\" <<'FWBUILD_HELPER_EOF'\n(.*?)\nFWBUILD_HELPER_EOF",
-                      render_vpn_init(), re.DOTALL)
-    assert match
+    helper = write_vpn_init(work / "initroot").parent / "bin" / "vpn-eeprom"
     script = work / "vpn-eeprom"
-    script.write_text(match.group(1).replace("#!/bin/sh", f"#!{BUSYBOX} sh", 1) + "\n")
+    script.write_text(helper.read_text().replace("#!/bin/sh", f"#!{BUSYBOX} sh", 1))
     script.chmod(0o755)
     bindir = work / "bin"
     bindir.mkdir()
@@ -152,14 +149,14 @@ def test_no_flash_device_is_one_line(tool: Path) -> None:
 def run_update(tool: Path, tmp_path: Path, flash: Path, *, digest: str, image: Path | None,
                gate_fails: bool = False) -> subprocess.CompletedProcess[str]:
     """Source the init in busybox sh and run eeprom_update; ssh_gate and reboot are stubs."""
-    init = tmp_path / "init.sh"
-    init.write_text(render_vpn_init())
+    root = tmp_path / "initroot"
+    init = write_vpn_init(root)
     gate = ('ssh_gate() { echo "walt-vpn: server unreachable (connection refused)" > "$ETMP/gate.err"; '
             'return 2; }' if gate_fails else
             f'ssh_gate() {{ case "$1" in eeprom-digest) echo {digest} > "$2" ;; '
             f'eeprom-image) cat {image} > "$2" ;; esac; }}')
     body = "\n".join([
-        f". {init}", f"EEPROM_TOOL={tool}", gate,
+        f"FWBUILD_INIT_ROOT={root}", f". {init}", f"EEPROM_TOOL={tool}", gate,
         'say() { echo "walt-vpn: $*"; }', "sleep() { :; }",
         # The real reboot never returns; the stub ends the subshell the flash runs in.
         "reboot() { echo REBOOTING >&2; exit 0; }", "sync() { :; }",

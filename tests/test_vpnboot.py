@@ -1,4 +1,4 @@
-"""The VPN boot client on the host: template, shell logic (host busybox), credentials,
+"""The VPN boot client on the host: init files and settings, shell logic (host busybox), credentials,
 and the ssh options against a real sshd (host OpenSSH client). QEMU runs are in
 test_vpnboot_qemu.py."""
 
@@ -23,9 +23,9 @@ from fwbuild.virtual.vpnboot import (
     VpnInitSettings,
     issue_node_credentials,
     pack_credentials,
-    render_vpn_init,
     unpack_credentials,
     vpn_config_text,
+    write_vpn_init,
 )
 
 BUSYBOX = shutil.which("busybox")
@@ -34,11 +34,11 @@ needs_busybox = pytest.mark.skipif(BUSYBOX is None, reason="host busybox not ins
 
 def run_init_functions(tmp_path: Path, body: str, *, env: dict[str, str] | None = None,
                        stdin: str = "") -> subprocess.CompletedProcess[str]:
-    """Source the rendered init in host busybox sh (PID != 1: functions only), run `body`."""
-    init = tmp_path / "init.sh"
-    init.write_text(render_vpn_init(VpnInitSettings(retries=3, backoff_first=0, backoff_max=0)))
+    """Source the init in host busybox sh (PID != 1: functions only), run `body`."""
+    root = tmp_path / "initroot"
+    init = write_vpn_init(root, VpnInitSettings(retries=3, backoff_first=0, backoff_max=0))
     assert BUSYBOX is not None
-    script = f". {init}\n{body}\n"
+    script = f"FWBUILD_INIT_ROOT={root}\n. {init}\n{body}\n"
     return subprocess.run([BUSYBOX, "sh", "-c", script], input=stdin, capture_output=True,
                           text=True, env={**os.environ, **(env or {})}, timeout=60, check=False)
 
@@ -49,23 +49,59 @@ def sample_credentials(session_keys: Path, known_hosts: str = "[10.0.2.2]:22 ssh
     return issue_node_credentials(ca, key_id, known_hosts)
 
 
-# ---- template ---------------------------------------------------------------------------
+# ---- the init's files and settings ---------------------------------------------------------
 
-def test_template_renders_with_defaults_and_is_valid_sh() -> None:
-    from fwbuild.initramfs.builder import InitramfsSpec, render_init
+def test_builtin_init_files_and_default_settings() -> None:
+    from fwbuild.initramfs.builder import InitramfsSpec, init_tree_files
 
-    text = render_init(InitramfsSpec(init="builtin:vpn"), None).decode()
-    assert "RETRIES=6" in text and "CACHE_TIMEOUT=157680000" in text
+    files = init_tree_files(InitramfsSpec(init="builtin:vpn"), None)
+    assert files["init"][1] == 0o755
+    for helper in ("vpn-udhcpc", "vpn-http-connect", "vpn-supervisor", "vpn-eeprom", "vpn-prefetch"):
+        assert files[f"bin/{helper}"][1] == 0o755
+    assert files["lib/fwbuild-init/config.sh"][1] == 0o644
+    config = files["etc/fwbuild-init.conf"][0].decode().splitlines()
+    assert "RETRIES=6" in config and "CACHE_TIMEOUT=157680000" in config
+    assert "VPN_ROOT_DEFAULT='/var/lib/walt/nodes/{mac12}/fs'" in config
+    for path, (data, _) in files.items():
+        assert b"{{" not in data and b"{%" not in data, path   # no template left
+        if BUSYBOX and not path.endswith(".conf"):
+            check = subprocess.run([BUSYBOX, "sh", "-n", "-c", data.decode()], capture_output=True,
+                                   text=True, check=False)
+            assert check.returncode == 0, (path, check.stderr)
+
+
+def test_settings_are_data_the_init_sources(tmp_path: Path) -> None:
+    root = tmp_path / "initroot"
+    write_vpn_init(root, VpnInitSettings(retries=2, connect_timeout=7), modules=["fuse", "tun"])
+    config = (root / "etc" / "fwbuild-init.conf").read_text().splitlines()
+    assert "RETRIES=2" in config and "CONNECT_TIMEOUT=7" in config
+    assert "MODULES='fuse tun'" in config
     if BUSYBOX:
-        check = subprocess.run([BUSYBOX, "sh", "-n", "-c", text], capture_output=True, text=True,
-                               check=False)
-        assert check.returncode == 0, check.stderr
+        result = subprocess.run([BUSYBOX, "sh", "-c", (f'FWBUILD_INIT_ROOT={root}; . {root}/init; '
+                                 'echo "$RETRIES $CONNECT_TIMEOUT $MODULES $FW_CFG_CONFIG"')],
+                                capture_output=True, text=True, check=False)
+        assert result.stdout.strip() == (
+            "2 7 fuse tun /sys/firmware/qemu_fw_cfg/by_name/opt/fwbuild/bootconf/raw"), result.stderr
 
 
-def test_template_uses_settings() -> None:
-    text = render_vpn_init(VpnInitSettings(retries=2, connect_timeout=7), modules=["fuse", "tun"])
-    assert "RETRIES=2" in text and "CONNECT_TIMEOUT=7" in text
-    assert 'MODULES="fuse tun"' in text
+def test_recipe_variables_become_settings() -> None:
+    from fwbuild.errors import BuildError
+    from fwbuild.initramfs.init.settings import InitSettings
+
+    settings = InitSettings.from_variables({"retries": "3", "tap_wait": 9, "fw_cfg_name": "opt/x"})
+    assert (settings.retries, settings.tap_wait, settings.fw_cfg_name) == (3, 9, "opt/x")
+    assert InitSettings.from_variables(settings.variables()) == settings
+    for variables, where, message in (
+            ({"retires": "3"}, "initramfs.variables.retires", "did you mean retries"),
+            ({"retries": "many"}, "initramfs.variables.retries", "must be a non-negative integer"),
+            ({"retries": "0"}, "initramfs.variables.retries", "at least 1"),
+            ({"prefetch_wait": "2"}, "initramfs.variables.prefetch_wait", "0 or 1"),
+            ({"fw_cfg_name": "a b"}, "initramfs.variables.fw_cfg_name", "unexpected characters"),
+            ({"vpn_root_default": "relative"}, "initramfs.variables.vpn_root_default", "absolute")):
+        with pytest.raises(BuildError) as info:
+            InitSettings.from_variables(variables)
+        assert info.value.where == where, variables
+        assert message in f"{info.value} {info.value.hint}", variables
 
 
 # ---- config parsing ---------------------------------------------------------------------
@@ -250,10 +286,8 @@ def _ssh_setup(tmp_path: Path, session_keys: Path, sshd: TestSshd, *, known_host
     assert result.returncode == 0, result.stderr
     config = vpn / "etc" / "ssh" / "ssh_config"
     text = config.read_text().replace("/creds/", f"{vpn}/creds/").replace(
-        "/bin/vpn-http-connect", f"{BUSYBOX} sh {vpn}/bin/vpn-http-connect")
+        "/bin/vpn-http-connect", f"{BUSYBOX} sh {tmp_path}/initroot/bin/vpn-http-connect")
     config.write_text(text)
-    if "PROXY" in env:
-        run_init_functions(tmp_path, f"install_helpers {vpn}/bin")
     return config
 
 

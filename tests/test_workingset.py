@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from fwbuild.errors import FormatError
-from fwbuild.virtual.vpnboot import VpnInitSettings, render_vpn_init
+from fwbuild.virtual.vpnboot import VpnInitSettings, write_vpn_init
 from fwbuild.virtual.workingset import (
     BLOCK,
     WorkingSet,
@@ -98,12 +98,12 @@ def test_a_changed_root_invalidates_the_set(tmp_path: Path) -> None:
 # ---- the init's prefetch (host busybox) ---------------------------------------------------
 
 def run_prefetch(tmp_path: Path, image: Path) -> subprocess.CompletedProcess[str]:
-    init = tmp_path / "init.sh"
-    init.write_text(render_vpn_init(VpnInitSettings()))
+    root = tmp_path / "initroot"
+    init = write_vpn_init(root, VpnInitSettings())
     work = tmp_path / "pftmp"
     work.mkdir(exist_ok=True)
     assert BUSYBOX is not None
-    return subprocess.run([BUSYBOX, "sh", "-c", f'. {init}\nprefetch_image "{image}"\necho rc=$?\n'],
+    return subprocess.run([BUSYBOX, "sh", "-c", f'FWBUILD_INIT_ROOT={root}\n. {init}\nprefetch_image "{image}"\necho rc=$?\n'],
                           capture_output=True, text=True, timeout=120, check=False,
                           env={**os.environ, "PREFETCH_JAIL": "", "PREFETCH_TMP": str(work),
                                "PREFETCH_LOG": str(tmp_path / "prefetch.log")})

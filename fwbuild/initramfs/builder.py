@@ -15,7 +15,6 @@ import json
 import posixpath
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,8 @@ from .apt import AptSession, PinnedPackage, dependency_chains
 from .cpio import COMPRESSIONS, GZIP_LEVEL, XZ_LEVEL, ZSTD_LEVEL, compress, decompress, write_cpio
 from .deb import DebContents, stage_deb
 from .elf import resolve_elf_closure
-from .init import defaults_for
+from .init import init_files
+from .init.settings import InitSettings
 from .modules import ModuleSelection, kernel_image, select_modules
 from .staging import StagedTree
 from .tree import Bytes, Device, Dir, HostFile, Symlink, Tree, normalize_dest
@@ -48,9 +48,10 @@ class InitramfsSpec:
     """What goes into the initramfs.
 
     `paths`: staged paths (binaries, files or whole directories) to copy with
-    their ELF closure. `init`: "builtin:<name>" (a template shipped in
-    fwbuild/initramfs/init/), a path to a jinja2 template, or, with
-    `init_text`, the template text itself. `files`: dest -> host path.
+    their ELF closure. `init`: "builtin:<name>" (a plain-sh init shipped in
+    fwbuild/initramfs/init/<name>/, configured by `variables` through
+    `InitSettings`), a path to a jinja2 template (rendered with `variables`), or,
+    with `init_text`, the template text itself. `files`: dest -> host path.
     """
 
     packages: tuple[str, ...] = ("busybox-static",)
@@ -154,16 +155,21 @@ def prefetch_packages(recipe: Recipe, cache: Cache, progress: Progress | None = 
     return count
 
 
-def render_init(spec: InitramfsSpec, modules: ModuleSelection | None) -> bytes:
+def init_tree_files(spec: InitramfsSpec, modules: ModuleSelection | None
+                    ) -> dict[str, tuple[bytes, int]]:
+    """The init's own files: a built-in init with its settings file, or a rendered template."""
+    if spec.init_text is None and spec.init.startswith("builtin:"):
+        return init_files(spec.init[len("builtin:"):], InitSettings.from_variables(spec.variables),
+                          modules=list(modules.load_order) if modules else [],
+                          builtin_modules=list(modules.builtin) if modules else [],
+                          kernel_version=modules.kernel_version if modules else "")
+    return {"init": (render_template_init(spec, modules), 0o755)}
+
+
+def render_template_init(spec: InitramfsSpec, modules: ModuleSelection | None) -> bytes:
+    """A user's jinja2 init template, with `modules`, `builtin_modules`, `kernel_version`."""
     if spec.init_text is not None:
         text, where = spec.init_text, "init template"
-    elif spec.init.startswith("builtin:"):
-        name = spec.init[len("builtin:"):]
-        resource = resources.files("fwbuild.initramfs").joinpath("init", f"{name}.sh.j2")
-        if not resource.is_file():
-            raise BuildError(f"no built-in init template {name!r}", "initramfs.init",
-                             "use builtin:default or a path to a .j2 template")
-        text, where = resource.read_text(), f"init/{name}.sh.j2"
     else:
         try:
             text, where = Path(spec.init).read_text(), spec.init
@@ -256,7 +262,8 @@ def build_initramfs(spec: InitramfsSpec, cache: Cache, progress: Progress | None
         if not source.is_file():
             raise BuildError("initramfs extra file not found", f"initramfs.files.{dest}: {host}")
         tree.add(dest, HostFile(source), (f"extra file from {host}",))
-    tree.add("init", Bytes(render_init(spec, modules), 0o755), (f"init template {spec.init}",))
+    for dest, (data, mode) in sorted(init_tree_files(spec, modules).items()):
+        tree.add(dest, Bytes(data, mode), (f"init {spec.init}",))
     report(progress, "write cpio", 0, 1)
     entries = tree.to_entries(spec.epoch)
     raw = write_cpio(entries)
@@ -299,8 +306,8 @@ def spec_from_recipe(recipe: Recipe, *, epoch: int,
                      variables: Mapping[str, Any] | None = None) -> InitramfsSpec:
     """The recipe's `[initramfs]` section as a spec (paths resolved against the recipe directory).
 
-    Template variables: the built-in template's defaults, then the recipe's
-    `initramfs.variables`, then `variables`.
+    Init variables: the recipe's `initramfs.variables`, then `variables` (for a
+    built-in init they are `InitSettings`, checked when the init is built).
     """
     section = recipe.initramfs
     init = section.init if section.init.startswith("builtin:") else str(resolve_path(recipe, section.init))
@@ -312,8 +319,7 @@ def spec_from_recipe(recipe: Recipe, *, epoch: int,
         modules=section.modules,
         files={dest: str(resolve_path(recipe, src)) for dest, src in section.files.items()},
         init=init,
-        variables={**defaults_for(section.init), **getattr(section, "variables", {}),
-                   **(variables or {})},
+        variables={**section.variables, **(variables or {})},
         compression=section.compression,
         epoch=epoch,
         repositories=repositories,

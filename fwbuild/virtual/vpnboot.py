@@ -1,7 +1,8 @@
 """The VPN boot client's build inputs: init settings, initramfs spec, node credentials.
 
-- `VpnInitSettings` are the template variables of `initramfs/init/vpn.sh.j2`;
-  `render_vpn_init` renders it (jinja2, StrictUndefined) and
+- `VpnInitSettings` is `fwbuild.initramfs.init.settings.InitSettings`, the settings of
+  the VPN init (`initramfs/init/vpn/`, plain sh; the settings go in as data);
+  `write_vpn_init` lays its files out in a directory (host tests source them) and
   `vpn_initramfs_spec` describes the whole initramfs for `build_initramfs`.
 - `NodeCredentials` is what `WALT_VPN_CREDS` carries: a deterministic gzip'ed tar
   (`id_ed25519`, `id_ed25519-cert.pub`, `known_hosts`), base64 without newline.
@@ -15,15 +16,16 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
-from importlib import resources
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-import jinja2
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from ..errors import BuildError, ConfigError, FormatError
+from ..errors import ConfigError, FormatError
+from ..initramfs.init import write_init_tree
+from ..initramfs.init.settings import InitSettings
 from ..keys import SshCaKey
 from ..nodecreds import (
     CERTIFICATE,
@@ -41,52 +43,24 @@ VPN_PATHS = ("/bin/busybox", "/usr/bin/ssh", "/usr/bin/sshfs")
 # Kernel modules for the virtual Pi 5 (Debian's cloud arm64 kernel; ext4 and
 # af_packet are built in there). A Pi 5 recipe lists its own (nvmem, macb, ...).
 VIRTUAL_MODULES = ("qemu_fw_cfg", "virtio_pci", "virtio_net", "virtio_blk", "fuse", "overlay", "tun", "loop")
-FW_CFG_NAME = "opt/fwbuild/bootconf"
+FW_CFG_NAME = InitSettings.fw_cfg_name
 _KEY_RE = re.compile(r"^[A-Z][A-Z0-9_]*$")
 
 
-@dataclass(frozen=True)
-class VpnInitSettings:
-    """Variables of vpn.sh.j2 (seconds unless said otherwise)."""
-
-    retries: int = 6                 # failed steps before the mode's fallback
-    backoff_first: int = 2
-    backoff_max: int = 60
-    connect_timeout: int = 10        # ssh ConnectTimeout
-    server_alive_interval: int = 30
-    server_alive_count: int = 4
-    cache_timeout: int = 157680000   # FUSE entry/attr/negative + sshfs dcache (the root is read-only)
-    min_session: int = 60            # a shorter VPN session means a broken setup: reboot
-    tap_wait: int = 5                # how long to wait for the tunnel's tap device
-    fw_cfg_name: str = FW_CFG_NAME
-
-    def variables(self) -> dict[str, Any]:
-        values = asdict(self)
-        for name, value in values.items():
-            if isinstance(value, int) and value < (1 if name == "retries" else 0):
-                raise BuildError(f"VPN init setting {name} must be positive", f"initramfs.{name}")
-        if not re.fullmatch(r"[A-Za-z0-9_./-]+", self.fw_cfg_name):
-            raise BuildError("fw_cfg name has unexpected characters", "initramfs.fw_cfg_name")
-        return values
+VpnInitSettings = InitSettings
 
 
-def _template_text(name: str) -> str:
-    # The helper scripts (udhcpc event script, HTTP CONNECT ProxyCommand, supervisor)
-    # are embedded in the template: `builtin:vpn` is the only file the builder adds.
-    return resources.files("fwbuild.initramfs").joinpath("init", name).read_text()
+def write_vpn_init(dest: Path, settings: InitSettings | None = None,
+                   modules: Sequence[str] = VIRTUAL_MODULES) -> Path:
+    """The VPN init's files under `dest`, laid out as in the initramfs; returns `dest/init`.
 
-
-def render_vpn_init(settings: VpnInitSettings = VpnInitSettings(),
-                    modules: Sequence[str] = VIRTUAL_MODULES) -> str:
-    """The init script as the builder renders it (for inspection and host-side tests)."""
-    env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
-                             autoescape=False)
-    return env.from_string(_template_text("vpn.sh.j2")).render(
-        modules=list(modules), **settings.variables())
+    Source it in a shell with FWBUILD_INIT_ROOT=`dest` (not as PID 1: functions only).
+    """
+    return write_init_tree(dest, "vpn", settings or InitSettings(), modules=modules)
 
 
 def vpn_initramfs_spec(kernel_package: str, *, modules: Sequence[str] = VIRTUAL_MODULES,
-                       settings: VpnInitSettings = VpnInitSettings(),
+                       settings: InitSettings | None = None,
                        compression: str = "xz", epoch: int = 0) -> Any:
     """An `InitramfsSpec` for the VPN client (typed Any: the builder is imported lazily)."""
     from ..initramfs.builder import InitramfsSpec
@@ -94,7 +68,7 @@ def vpn_initramfs_spec(kernel_package: str, *, modules: Sequence[str] = VIRTUAL_
     return InitramfsSpec(
         packages=VPN_PACKAGES, paths=VPN_PATHS, kernel_package=kernel_package,
         modules=tuple(modules), init="builtin:vpn",
-        variables=settings.variables(), compression=compression, epoch=epoch)
+        variables=(settings or InitSettings()).variables(), compression=compression, epoch=epoch)
 
 
 # ---- credentials -----------------------------------------------------------------------

@@ -1,0 +1,71 @@
+# shellcheck shell=sh
+# Library of the VPN init (/lib/fwbuild-init/prefetch.sh).
+
+# Boot working-set prefetch (image mode). `<image>.prefetch`, published next to the image
+# for exactly that image, lists the 4 KiB blocks a reference boot read, in first-access
+# order. After a check (format; the image's size and first 64 KiB), $PREFETCH_STREAMS
+# streams read them, one large read per range, in that order, from the mini-root (so
+# they could outlive switch_root), filling the page cache the loop device reads from.
+# The boot waits for them (walt_vpn.prefetch_wait=0: runs alongside; measured slower on
+# the one-vCPU virtual node). A missing set, or one that is unreadable, malformed or not
+# this image's: one line and a normal boot. PREFETCH_JAIL/TMP/LOG let host tests run it.
+# PREFETCH_STREAMS and PREFETCH_WAIT come from the init's settings (fwbuild-init.conf).
+PREFETCH_JAIL=${PREFETCH_JAIL-$VPN}
+PREFETCH_TMP=${PREFETCH_TMP:-$VPN/tmp}
+PREFETCH_LOG=${PREFETCH_LOG:-/dev/console}
+prefetch_image() {
+    img=$1
+    wsf=$img.prefetch
+    if [ ! -e "$wsf" ]; then
+        say "prefetch: no working set for this root: normal boot"
+        return 0
+    fi
+    size=$(stat -c %s "$img" 2>/dev/null)
+    probe=$(dd if="$img" bs=65536 count=1 2>/dev/null | sha256sum | cut -d' ' -f1)
+    [ "$PREFETCH_STREAMS" -ge 1 ] 2>/dev/null || PREFETCH_STREAMS=1
+    mkdir -p "$PREFETCH_TMP"
+    rm -f "$PREFETCH_TMP"/ws.*
+    why=$(awk -v dir="$PREFETCH_TMP" -v size="$size" -v probe="$probe" -v n="$PREFETCH_STREAMS" '
+        function bad(msg) { if (!reason) reason = msg; exit }
+        NR == 1 { if ($0 != "fwbuild-prefetch 1") bad("not a working-set file"); next }
+        NR == 2 { if ($1 != "image-sha256") bad("bad header"); next }
+        NR == 3 { if ($1 != "image-size" || $2 != size) bad("recorded for another image"); next }
+        NR == 4 { if ($1 != "probe-sha256" || $2 != probe) bad("recorded for another image"); next }
+        NR == 5 { if ($0 != "block 4096") bad("bad block size"); next }
+        NR == 6 { if ($1 != "ranges" || $2 !~ /^[0-9]+$/) bad("bad header"); count = $2 + 0; next }
+        ended { bad("data after the end line") }
+        $0 == "end" { ended = 1; next }
+        {
+            if (NF != 2 || $1 !~ /^[0-9]+$/ || $2 !~ /^[0-9]+$/ || $2 == 0 || ($1 + $2) * 4096 > size + 4095)
+                bad("bad range on line " NR)
+            seen++; blocks += $2; print $1, $2 > (dir "/ws." (seen % n))
+        }
+        END {
+            if (!reason && NR == 0) reason = "unreadable or empty"
+            if (!reason && !ended) reason = "truncated"
+            if (!reason && seen != count) reason = "wrong range count"
+            if (reason) print "bad " reason; else print "ok " seen " " blocks
+        }' "$wsf" 2>/dev/null)
+    case "$why" in
+        "ok "*) ;;
+        *)
+            rm -f "$PREFETCH_TMP"/ws.*
+            say "prefetch: working set unusable (${why#bad }): normal boot"
+            return 0
+            ;;
+    esac
+    set -- $why
+    say "prefetch: $2 ranges, $(( $3 / 256 )) MiB of the root"
+    if [ -n "$PREFETCH_JAIL" ]; then
+        set -- chroot "$PREFETCH_JAIL" /bin/busybox sh /bin/vpn-prefetch \
+            "${img#"$PREFETCH_JAIL"}" "${PREFETCH_TMP#"$PREFETCH_JAIL"}" "$PREFETCH_LOG"
+    else
+        set -- /bin/busybox sh "$FWBUILD_INIT_ROOT/bin/vpn-prefetch" "$img" "$PREFETCH_TMP" "$PREFETCH_LOG"
+    fi
+    # walt_vpn.prefetch_wait=1 (default): the boot goes on once the set is in; 0: in parallel.
+    if [ "$PREFETCH_WAIT" = 1 ]; then
+        "$@" </dev/null >/dev/null 2>&1
+    else
+        "$@" </dev/null >/dev/null 2>&1 &
+    fi
+}
