@@ -2,10 +2,11 @@
 # Library of the VPN init (/lib/fwbuild-init/prefetch.sh).
 
 # Boot working-set prefetch (image mode). `<image>.prefetch`, published next to the image
-# for exactly that image, lists the 4 KiB blocks a reference boot read, in first-access
-# order. After a check (format; the image's size and first 64 KiB), $PREFETCH_STREAMS
-# streams read them, one large read per range, in that order, from the mini-root (so
-# they could outlive switch_root), filling the page cache the loop device reads from.
+# for exactly that image, lists the 4 KiB blocks a reference boot read, as ranges in
+# ascending order (one dd process per range: few ranges matter on a slow CPU). After a
+# check (format; the image's size and first 64 KiB), $PREFETCH_STREAMS streams read
+# them, one large read per range, from the mini-root (so they could outlive
+# switch_root), filling the page cache the loop device reads from.
 # The boot waits for them (walt_vpn.prefetch_wait=0: runs alongside; measured slower on
 # the one-vCPU virtual node). A missing set, or one that is unreadable, malformed or not
 # this image's: one line and a normal boot. PREFETCH_JAIL/TMP/LOG let host tests run it.
