@@ -176,3 +176,19 @@ def test_init_ignores_a_set_of_another_root(tmp_path: Path) -> None:
 def test_working_set_is_a_value() -> None:
     ws = WorkingSet("a" * 64, 8192, "b" * 64, ((0, 2),))
     assert parse_working_set(ws.render()) == ws
+
+
+def test_prefetch_cli_refuses_a_missing_image_or_initramfs(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from fwbuild.cli import main
+
+    image = make_image(tmp_path / "root.img")
+    result = CliRunner().invoke(main, ["rootfs", "prefetch", str(tmp_path / "nope.img"),
+                                       "--initramfs", str(image)])
+    assert result.exit_code == 2 and "does not exist" in result.output
+    assert "Traceback" not in result.output
+    result = CliRunner().invoke(main, ["rootfs", "prefetch", str(image),
+                                       "--initramfs", str(tmp_path / "nope")])
+    assert result.exit_code == 2 and "'--initramfs'" in result.output
+    assert not set_path(image).exists()
