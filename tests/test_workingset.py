@@ -192,3 +192,26 @@ def test_prefetch_cli_refuses_a_missing_image_or_initramfs(tmp_path: Path) -> No
                                        "--initramfs", str(tmp_path / "nope")])
     assert result.exit_code == 2 and "'--initramfs'" in result.output
     assert not set_path(image).exists()
+
+
+@needs_busybox
+def test_init_prefetch_plan_splits_big_ranges_across_streams(tmp_path: Path) -> None:
+    # The init's plan: a 1100-block range goes out as pieces of at most 2 MiB (512
+    # blocks), each to the least loaded stream, so no single stream is the slow tail.
+    image = make_image(tmp_path / "root.img", blocks=1300)
+    ws = working_set_from_reads([(0, 65536), (100 * BLOCK, 1100 * BLOCK)], image)
+    publish_working_set(ws, image)
+    root = tmp_path / "initroot"
+    init = write_vpn_init(root, VpnInitSettings())
+    work = tmp_path / "pftmp"
+    assert BUSYBOX is not None
+    result = subprocess.run(
+        [BUSYBOX, "sh", "-c", (f'FWBUILD_INIT_ROOT={root}\n. {init}\nPREFETCH_STREAMS=3\n'
+                               f'prefetch_plan "{set_path(image)}" {ws.image_size} {ws.probe_sha256}\n')],
+        capture_output=True, text=True, timeout=120, check=False,
+        env={**os.environ, "PREFETCH_JAIL": "", "PREFETCH_TMP": str(work)})
+    assert result.stdout.strip().splitlines()[-1] == f"ok 2 {ws.blocks}", result.stdout + result.stderr
+    streams = {p.name: [tuple(map(int, line.split())) for line in p.read_text().splitlines()]
+               for p in sorted(work.glob("ws.*"))}
+    # Pieces in order: (0,16)->ws.0, (100,512)->ws.1, (612,512)->ws.2, (1124,76)->ws.0.
+    assert streams == {"ws.0": [(0, 16), (1124, 76)], "ws.1": [(100, 512)], "ws.2": [(612, 512)]}
