@@ -27,9 +27,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from fwbuild.build import build
+from fwbuild.cache import Cache
 from fwbuild.keys import init_keys
+from fwbuild.layout import BOOT_IMG, EEPROM_IMAGE, INITRAMFS
 from fwbuild.recipe import load_recipe
-from fwbuild.sources import Cache
 from server.virtual_demo import FLASHED
 from server.virtual_site import SiteOptions, VirtualSite
 
@@ -65,7 +66,7 @@ def main() -> None:
         eeprom = site.enroll("dc:a6:32:00:be:ec")
         result = site.boot(eeprom, timeout=600, name="bench")
         done = time.perf_counter()
-        recovery = (first.out_dir / "eeprom" / "recovery" / "pieeprom.bin").read_bytes()
+        recovery = EEPROM_IMAGE("recovery").path(first.out_dir).read_bytes()
         node = site.add_node("dc:a6:32:00:be:ed", flash=recovery)
         start = time.perf_counter()
         first_boot = site.power_on(node, timeout=600)
@@ -78,8 +79,8 @@ def main() -> None:
     print(f"  cold build (empty cache, downloads)   {cold:8.1f} s")
     print(f"  warm build (same inputs)              {warm:8.1f} s   identical manifest: {same}")
     print(f"    cached steps: {', '.join(second.cached_steps) or 'none'}")
-    print(f"  boot.img {sizes['bootimg/boot.img'] / 1e6:.1f} MB, initramfs "
-          f"{sizes['initramfs/initramfs_2712'] / 1e6:.2f} MB")
+    print(f"  boot.img {sizes[BOOT_IMG.rel] / 1e6:.1f} MB, initramfs "
+          f"{sizes[INITRAMFS.rel] / 1e6:.2f} MB")
     if result.ok and "bootloader" in stamps and "linux" in stamps:
         print(f"  boot to marker                        {done - stamps['bootloader']:8.1f} s")
         print(f"    HTTP boot (fetch + sha256 + RSA)    {stamps['linux'] - stamps['bootloader']:8.2f} s")

@@ -22,9 +22,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from fwbuild.cache import Cache
 from fwbuild.initramfs.builder import InitramfsResult, InitramfsSpec, build_initramfs
 from fwbuild.initramfs.cpio import compress, decompress, read_cpio
-from fwbuild.sources import Cache
 
 KERNEL = "linux-image-cloud-arm64"
 MODULES = ("qemu_fw_cfg", "virtio_pci", "virtio_net", "fuse", "overlay", "tun", "loop")
@@ -72,7 +72,7 @@ def main() -> None:
         cold, result = timed(the_spec, cache)
         warm, again = timed(the_spec, cache)
         assert again.data == result.data, "warm build differs from cold build"
-        shutil.rmtree(root / "compressed", ignore_errors=True)
+        shutil.rmtree(cache.area("compressed"), ignore_errors=True)
         recompressed, _ = timed(the_spec, cache)
         print(f"initramfs ({args.spec} spec, {the_spec.compression}), "
               f"{len(result.packages)} packages pinned, {len(result.entries)} entries")

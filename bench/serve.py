@@ -32,6 +32,10 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from fwbuild.layout import BOOT_IMG, MANIFEST
+
 MAC12 = "dca632b3e4c5"
 
 
@@ -123,7 +127,7 @@ def start_nginx(work: Path, artifacts: Path) -> tuple[subprocess.Popen[bytes], i
     (prefix / "tmp").mkdir(parents=True)
     www = prefix / "www" / "walt-vpn" / "node" / MAC12
     www.mkdir(parents=True)
-    os.link(artifacts / "bootimg" / "boot.img", www / "boot.img")
+    os.link(BOOT_IMG.path(artifacts), www / "boot.img")
     (www / "small").write_text("bench\n")
     conf = prefix / "nginx.conf"
     conf.write_text(f"""
@@ -301,10 +305,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="fwbuild-bench-") as tmp:
         work = Path(tmp)
         artifacts = work / "out"
-        make_boot_img(artifacts / "bootimg" / "boot.img", size)
+        make_boot_img(BOOT_IMG.path(artifacts), size)
         # A made-up set: marked as built from a virtual recipe so the server accepts it
         # without EEPROM base images (it refuses such a set otherwise: no fake firmware).
-        (artifacts / "manifest.json").write_text(
+        (artifacts / MANIFEST).write_text(
             '{"recipe": {"name": "bench", "target": "virtual"}, "source_date_epoch": 1700000000}\n')
         fw_proc, fw_port = start_fwbuild(work, artifacts)
         ng_proc, ng_port = start_nginx(work, artifacts)

@@ -42,12 +42,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from fwbuild.build import build
+from fwbuild.cache import Cache
 from fwbuild.initramfs.builder import stage_kernel
 from fwbuild.keys import BOOT_PUB_NAME, init_keys, load_public_key
+from fwbuild.layout import BOOT_IMG, INITRAMFS
 from fwbuild.recipe import load_recipe
 from fwbuild.rootfs.debian import MARKER, ROOT_INIT_LINE, build_debian_root
 from fwbuild.sign import parse_sig, verify_sig
-from fwbuild.sources import Cache
 from fwbuild.virtual.netmodel import NetRelay, Profile, parse_profile
 from fwbuild.virtual.refboot import BootRun, boot_image
 from fwbuild.virtual.workingset import (
@@ -110,15 +111,16 @@ def main() -> None:
     keys = init_keys(work / "keys").directory
     built = build(load_recipe(ROOT / "recipes" / "virtual.toml"), out_root=work / "out",
                   keys_dir=keys, cache=cache)
-    bootdir = built.out_dir / "bootimg"
-    initrd = built.out_dir / "initramfs" / "initramfs_2712"
+    boot_img = BOOT_IMG.path(built.out_dir)
+    bootdir = boot_img.parent  # served as the HTTP boot directory (boot.img, boot.sig)
+    initrd = INITRAMFS.path(built.out_dir)
     kernel = stage_kernel(KERNEL_PACKAGE, cache).image
     root = build_debian_root(cache)
     export = work / "export"
     export.mkdir(mode=0o755)
     image = export / "root.img"
     os.link(root.image, image)
-    sizes = {"boot_img": (bootdir / "boot.img").stat().st_size, "initramfs": initrd.stat().st_size,
+    sizes = {"boot_img": boot_img.stat().st_size, "initramfs": initrd.stat().st_size,
              "root_img": image.stat().st_size}
     say(f"boot.img {sizes['boot_img']} B, initramfs {sizes['initramfs']} B, root image "
         f"{sizes['root_img']} B ({len(root.packages)} packages, sha256 {root.sha256[:16]})")

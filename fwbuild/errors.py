@@ -32,16 +32,25 @@ class UsageError(FwbuildError):
     exit_code = 2
 
 
-class RecipeError(UsageError):
-    """A recipe (or server configuration) that cannot be accepted."""
+class ConfigError(UsageError):
+    """A configuration document that cannot be accepted: a recipe, `--set`, `server.toml`.
+
+    Raised by the one config model (fwbuild/configmodel.py) and the documents' semantic
+    checks; `where` is `FILE: key.path` (or `--set key=value`, or `FILE:LINE`).
+    """
+
+
+# The former name of ConfigError, kept as an alias so that code and tests written against
+# it keep working; new code says ConfigError.
+RecipeError = ConfigError
 
 
 class FormatError(FwbuildError):
     """Bytes that do not follow the expected binary or text format."""
 
 
-class ConfigError(FwbuildError):
-    """A bootconf / config value that the bootloader would reject or ignore."""
+class BootconfError(FwbuildError):
+    """A bootconf.txt value that the bootloader would reject or ignore (an image's content)."""
 
 
 class SignatureError(FwbuildError):

@@ -8,14 +8,18 @@ import os
 import tempfile
 from pathlib import Path
 
+from .layout import refuse_published
+
 
 def atomic_write(path: str | os.PathLike[str], data: bytes, mode: int = 0o644) -> None:
     """Write `data` to `path` through a temp file in the same directory and os.replace.
 
     The temp file is created 0600 and chmod'ed to `mode` before the rename, so a
-    secret is never readable by others, even for an instant.
+    secret is never readable by others, even for an instant. A published artifact set
+    is never written (layout.refuse_published): only the build's publish step makes one.
     """
     target = Path(path)
+    refuse_published(target)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)

@@ -9,7 +9,6 @@ reads the file and applies `--set key=value` overrides first (later wins).
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
 import re
 import tomllib
@@ -19,7 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import RecipeError
+from .configmodel import Option, convert, in_file, near_miss, setting, settings
+from .errors import BootconfError, BuildError, ConfigError
+from .refs import BUILTIN, FAKE, PACKAGE, SOURCE, SYNTHETIC, TEMPLATE, Ref, ref_parser
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
@@ -50,7 +51,7 @@ class AptRepository:
 class RecipeInfo:
     name: str
     description: str = ""
-    target: str = "pi5"
+    target: str = setting("pi5", choices=("pi5", "virtual"))
     source_date_epoch: int = 0
 
 
@@ -72,28 +73,37 @@ class Site:
 
 @dataclass(frozen=True)
 class Eeprom:
-    """`base` is `synthetic:ab`, `synthetic:non-ab` or `source:<name>`."""
+    """`base` is `synthetic:ab`, `synthetic:non-ab` or `source:<name>` (fwbuild/refs.py)."""
 
-    base: str = "synthetic:ab"
+    base: Ref = setting(Ref(SYNTHETIC, "ab"), parse=ref_parser(SYNTHETIC, SOURCE))
     variants: tuple[str, ...] = VARIANTS
     templates: Mapping[str, str] = field(default_factory=dict)
 
 
+COMPRESSIONS = ("zstd", "xz", "gzip", "none")
+
+
 @dataclass(frozen=True)
 class Initramfs:
-    packages: tuple[str, ...] = ()
-    binaries: tuple[str, ...] = ()
-    modules: tuple[str, ...] = ()
-    kernel_package: str = ""
-    init: str = "builtin:default"
-    compression: str = "zstd"
-    files: Mapping[str, str] = field(default_factory=dict)
+    """The [initramfs] table; the fields with an Option are also `fwbuild initramfs build` options."""
+
+    packages: tuple[str, ...] = setting((), option=Option("--package", "Debian arm64 package (repeatable)."))
+    binaries: tuple[str, ...] = setting((), option=Option(
+        "--binary", "Path from the packages to include with its ELF closure (repeatable)."))
+    modules: tuple[str, ...] = setting((), option=Option("--module", "Kernel module name (repeatable)."))
+    kernel_package: str = setting("", option=Option(
+        "--kernel-package", "linux-image-* package the modules come from."))
+    init: Ref = setting(Ref(BUILTIN, "default"), parse=ref_parser(BUILTIN, TEMPLATE), option=Option(
+        "--init", "Init template: builtin:NAME or a path to a jinja2 template."))
+    compression: str = setting("zstd", choices=COMPRESSIONS, option=Option("--compression", "Default: zstd."))
+    files: Mapping[str, str] = setting(factory=dict, option=Option(
+        "--file", "Extra file (repeatable).", metavar="DEST=HOSTPATH"))
     variables: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class Bootimg:
-    kernel: str = "package"
+    kernel: Ref = setting(Ref(PACKAGE), parse=ref_parser(PACKAGE, SOURCE))
     kernel_name: str = "kernel_2712.img"
     dtbs: tuple[str, ...] = ()
     cmdline: str = "console=serial0,115200 console=tty1"
@@ -107,13 +117,13 @@ class Bootimg:
 class Recovery:
     """`recovery_bin` is `source:<name>` or `fake` (virtual recipes only)."""
 
-    recovery_bin: str = "fake"
+    recovery_bin: Ref = setting(Ref(FAKE), parse=ref_parser(FAKE, SOURCE))
     variant: str = "recovery"
 
 
 @dataclass(frozen=True)
 class Recipe:
-    recipe: RecipeInfo
+    info: RecipeInfo  # the [recipe] table
     keys: Keys = field(default_factory=Keys)
     site: Site = field(default_factory=Site)
     sources: Mapping[str, Source] = field(default_factory=dict)
@@ -128,79 +138,7 @@ class Recipe:
 
     @property
     def name(self) -> str:
-        return self.recipe.name
-
-
-# --- generic table -> dataclass conversion -------------------------------------------------
-
-def _near_miss(key: str, allowed: Sequence[str]) -> str | None:
-    match = difflib.get_close_matches(key, list(allowed), n=1, cutoff=0.6)
-    return f"did you mean `{match[0]}`?" if match else None
-
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is tuple:
-        return f"a list of {_type_name(typing.get_args(tp)[0])}s"
-    if origin in (Mapping, dict) or tp is dict:
-        return "a table"
-    return {str: "a string", int: "an integer", bool: "a boolean"}.get(tp, getattr(tp, "__name__", str(tp)))
-
-
-_INT = re.compile(r"^[+-]?[0-9]+$")
-
-
-def _unquote_hint(path: str, value: str) -> str:
-    return f"remove the quotes: `{path.rsplit('.', 1)[-1]} = {value}` (TOML quotes make a string)"
-
-
-def _convert(value: Any, tp: Any, path: str) -> Any:
-    origin = typing.get_origin(tp)
-    if origin is tuple:
-        (item_type, _ellipsis) = typing.get_args(tp)
-        if not isinstance(value, list):
-            raise RecipeError(f"expected {_type_name(tp)}, got {type(value).__name__}", path)
-        return tuple(_convert(item, item_type, f"{path}[{i}]") for i, item in enumerate(value))
-    if origin in (Mapping, dict):
-        if not isinstance(value, dict):
-            raise RecipeError(f"expected a table, got {type(value).__name__}", path)
-        _key_type, item_type = typing.get_args(tp)
-        return {str(k): _convert(v, item_type, f"{path}.{k}") for k, v in value.items()}
-    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
-        if not isinstance(value, dict):
-            raise RecipeError(f"expected a table, got {type(value).__name__}", path)
-        return _table(tp, value, path)
-    if tp is bool:
-        if not isinstance(value, bool):
-            hint = _unquote_hint(path, value) if value in ("true", "false") else "use true or false"
-            raise RecipeError(f"expected a boolean, got {value!r}", path, hint)
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            hint = (_unquote_hint(path, value.strip()) if isinstance(value, str) and _INT.match(value.strip())
-                    else "give a whole number, e.g. 8080")
-            raise RecipeError(f"expected an integer, got {value!r}", path, hint)
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            raise RecipeError(f"expected a string, got {value!r}", path)
-        return value
-    raise RecipeError(f"unsupported value {value!r}", path)  # pragma: no cover - schema bug
-
-
-def _table(cls: type, mapping: Mapping[str, Any], path: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in ("directory", "digest")}
-    kwargs: dict[str, Any] = {}
-    for key, value in mapping.items():
-        key_path = f"{path}.{key}" if path else key
-        if key not in fields:
-            raise RecipeError(f"unknown key `{key}`", key_path, _near_miss(key, list(fields)))
-        kwargs[key] = _convert(value, hints[key], key_path)
-    for name, f in fields.items():
-        if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise RecipeError(f"missing required key `{name}`", f"{path}.{name}" if path else name)
-    return cls(**kwargs)
+        return self.info.name
 
 
 # --- semantic checks ---------------------------------------------------------------------
@@ -208,96 +146,86 @@ def _table(cls: type, mapping: Mapping[str, Any], path: str) -> Any:
 def _check_site(site: Site) -> None:
     """The site's HTTP values, checked by the same rules as the EEPROM's bootconf.txt (facts §3)."""
     from .eeprom.bootconf import validate_bootconf
-    from .errors import ConfigError
 
     lines = {"http_host": f"HTTP_HOST={site.http_host}", "http_port": f"HTTP_PORT={site.http_port}",
              "http_path": f"HTTP_PATH={site.http_path}"}
     if not site.http_host:
-        raise RecipeError("HTTP host is empty", "site.http_host",
+        raise ConfigError("HTTP host is empty", "site.http_host",
                           "give a bare host name or IP address, e.g. `boot.example.org`")
     for key, line in lines.items():
         try:
             validate_bootconf(line + "\n", f"site.{key}")
-        except ConfigError as exc:
-            raise RecipeError(exc.what, f"site.{key}", exc.hint) from None
+        except BootconfError as exc:
+            raise ConfigError(exc.what, f"site.{key}", exc.hint) from None
 
 
-def _check_source_ref(ref: str, recipe: Recipe, where: str, extra: Sequence[str]) -> None:
-    if ref in extra:
-        return
-    if ref.startswith("source:"):
-        name = ref[len("source:"):]
-        if name not in recipe.sources:
-            raise RecipeError(f"source `{name}` is not declared", where,
-                              _near_miss(name, list(recipe.sources)) or f"add a [sources.{name}] table")
-        return
-    raise RecipeError(f"invalid reference {ref!r}", where,
-                      f"use one of {', '.join(f'`{e}`' for e in extra)} or `source:<name>`")
+def _check_source_ref(ref: Ref, recipe: Recipe, where: str) -> None:
+    if ref.kind == SOURCE and ref.name not in recipe.sources:
+        raise ConfigError(f"source `{ref.name}` is not declared", where,
+                          near_miss(ref.name, list(recipe.sources)) or f"add a [sources.{ref.name}] table")
 
 
 def _check(recipe: Recipe) -> None:
-    info = recipe.recipe
+    info = recipe.info
     if not _NAME.match(info.name):
-        raise RecipeError(f"invalid recipe name {info.name!r}", "recipe.name",
+        raise ConfigError(f"invalid recipe name {info.name!r}", "recipe.name",
                           "lowercase letters, digits, `-` and `_` (it names the out/ directory)")
-    if info.target not in ("pi5", "virtual"):
-        raise RecipeError(f"unknown target {info.target!r}", "recipe.target", "use `pi5` or `virtual`")
     if info.source_date_epoch < 0:
-        raise RecipeError("source_date_epoch must be >= 0", "recipe.source_date_epoch")
+        raise ConfigError("source_date_epoch must be >= 0", "recipe.source_date_epoch")
     for name, source in recipe.sources.items():
         where = f"sources.{name}"
         if not _NAME.match(name):
-            raise RecipeError(f"invalid source name {name!r}", where)
+            raise ConfigError(f"invalid source name {name!r}", where)
         if not _SHA256.match(source.sha256):
-            raise RecipeError(f"malformed sha256 {source.sha256!r}", f"{where}.sha256",
+            raise ConfigError(f"malformed sha256 {source.sha256!r}", f"{where}.sha256",
                               "64 lowercase hex digits, as printed by `sha256sum`")
         if bool(source.url) == bool(source.path):
-            raise RecipeError("a source needs exactly one of `url` or `path`", where)
+            raise ConfigError("a source needs exactly one of `url` or `path`", where)
         if source.url and not re.match(r"^https?://[^\s/]+/\S*$", source.url):
-            raise RecipeError(f"invalid URL {source.url!r}", f"{where}.url", "use http:// or https://")
+            raise ConfigError(f"invalid URL {source.url!r}", f"{where}.url", "use http:// or https://")
         if source.size < 0:
-            raise RecipeError("size must be >= 0", f"{where}.size")
+            raise ConfigError("size must be >= 0", f"{where}.size")
     _check_site(recipe.site)
-    _check_source_ref(recipe.eeprom.base, recipe, "eeprom.base", ("synthetic:ab", "synthetic:non-ab"))
+    _check_source_ref(recipe.eeprom.base, recipe, "eeprom.base")
     for i, variant in enumerate(recipe.eeprom.variants):
         if variant not in VARIANTS:
-            raise RecipeError(f"unknown EEPROM variant {variant!r}", f"eeprom.variants[{i}]",
-                              _near_miss(variant, VARIANTS) or f"use {', '.join(VARIANTS)}")
+            raise ConfigError(f"unknown EEPROM variant {variant!r}", f"eeprom.variants[{i}]",
+                              near_miss(variant, VARIANTS) or f"use {', '.join(VARIANTS)}")
     if len(set(recipe.eeprom.variants)) != len(recipe.eeprom.variants):
-        raise RecipeError("an EEPROM variant is listed twice", "eeprom.variants")
+        raise ConfigError("an EEPROM variant is listed twice", "eeprom.variants")
     for variant in recipe.eeprom.templates:
         if variant not in recipe.eeprom.variants:
-            raise RecipeError(f"template for a variant that is not built: {variant!r}",
-                              f"eeprom.templates.{variant}", _near_miss(variant, recipe.eeprom.variants))
-    if recipe.initramfs.compression not in ("zstd", "xz", "gzip", "none"):
-        raise RecipeError(f"unknown compression {recipe.initramfs.compression!r}",
-                          "initramfs.compression", "use `zstd`, `xz`, `gzip` or `none`")
-    init = recipe.initramfs.init
-    if not (init.startswith("builtin:") or init.endswith(".j2")):
-        raise RecipeError(f"invalid init {init!r}", "initramfs.init",
-                          "use `builtin:default`, `builtin:vpn` or a path to a `.j2` template")
+            raise ConfigError(f"template for a variant that is not built: {variant!r}",
+                              f"eeprom.templates.{variant}", near_miss(variant, recipe.eeprom.variants))
+    if recipe.initramfs.init.kind == BUILTIN:  # its variables are InitSettings: checked here, before any download
+        from .initramfs.init.settings import InitSettings
+
+        try:
+            InitSettings.from_variables(recipe.initramfs.variables)
+        except BuildError as exc:
+            raise ConfigError(exc.what, exc.where, exc.hint) from None
     for dest in recipe.initramfs.files:
         if not dest.startswith("/") or ".." in dest.split("/"):
-            raise RecipeError(f"invalid destination {dest!r}", f"initramfs.files.{dest}",
+            raise ConfigError(f"invalid destination {dest!r}", f"initramfs.files.{dest}",
                               "use an absolute path inside the initramfs, e.g. `/etc/motd`")
-    if recipe.bootimg.kernel != "package":
-        _check_source_ref(recipe.bootimg.kernel, recipe, "bootimg.kernel", ("package",))
+    if recipe.bootimg.kernel.kind != PACKAGE:
+        _check_source_ref(recipe.bootimg.kernel, recipe, "bootimg.kernel")
     elif not recipe.initramfs.kernel_package:
-        raise RecipeError("bootimg.kernel = \"package\" but no kernel package is named",
+        raise ConfigError("bootimg.kernel = \"package\" but no kernel package is named",
                           "initramfs.kernel_package",
                           "name it (e.g. linux-image-cloud-arm64), or pin a kernel source and use "
                           "bootimg.kernel = \"source:<name>\"")
     if "\n" in recipe.bootimg.cmdline:
-        raise RecipeError("cmdline must be one line", "bootimg.cmdline")
+        raise ConfigError("cmdline must be one line", "bootimg.cmdline")
     if recipe.recovery.variant not in recipe.eeprom.variants:
-        raise RecipeError(f"recovery variant {recipe.recovery.variant!r} is not built",
+        raise ConfigError(f"recovery variant {recipe.recovery.variant!r} is not built",
                           "recovery.variant", "add it to eeprom.variants")
-    _check_source_ref(recipe.recovery.recovery_bin, recipe, "recovery.recovery_bin", ("fake",))
-    if recipe.recovery.recovery_bin == "fake" and info.target != "virtual":
-        raise RecipeError("a fake recovery.bin only suits virtual recipes", "recovery.recovery_bin",
+    _check_source_ref(recipe.recovery.recovery_bin, recipe, "recovery.recovery_bin")
+    if recipe.recovery.recovery_bin.kind == FAKE and info.target != "virtual":
+        raise ConfigError("a fake recovery.bin only suits virtual recipes", "recovery.recovery_bin",
                           "pin the real recovery.bin as a source and use `source:<name>`")
-    if info.target != "virtual" and recipe.eeprom.base.startswith("synthetic:"):
-        raise RecipeError("a synthetic EEPROM only suits virtual recipes", "eeprom.base",
+    if info.target != "virtual" and recipe.eeprom.base.kind == SYNTHETIC:
+        raise ConfigError("a synthetic EEPROM only suits virtual recipes", "eeprom.base",
                           "pin a Raspberry Pi pieeprom.bin as a source and use `source:<name>`")
 
 
@@ -308,46 +236,72 @@ def parse_recipe(mapping: Mapping[str, Any], directory: str = ".", digest: str =
     """Validate a recipe mapping (as tomllib returns it) into a frozen Recipe."""
     for key in mapping:
         if key not in _TOP_LEVEL:
-            raise RecipeError(f"unknown table `{key}`", key, _near_miss(key, _TOP_LEVEL))
+            raise ConfigError(f"unknown table `{key}`", key, near_miss(key, _TOP_LEVEL))
     if "recipe" not in mapping:
-        raise RecipeError("missing [recipe] table", "recipe", "add [recipe] with at least `name`")
+        raise ConfigError("missing [recipe] table", "recipe", "add [recipe] with at least `name`")
     kwargs: dict[str, Any] = {}
     for key, cls in (("recipe", RecipeInfo), ("keys", Keys), ("site", Site), ("eeprom", Eeprom),
                      ("initramfs", Initramfs), ("bootimg", Bootimg), ("recovery", Recovery)):
         if key in mapping:
-            kwargs[key] = _convert(mapping[key], cls, key)
+            kwargs["info" if key == "recipe" else key] = convert(mapping[key], cls, key)
     sources = mapping.get("sources", {})
     if not isinstance(sources, dict):
-        raise RecipeError("expected a table of sources", "sources")
-    kwargs["sources"] = {name: _convert(value, Source, f"sources.{name}") for name, value in sources.items()}
+        raise ConfigError("expected a table of sources", "sources")
+    kwargs["sources"] = {name: convert(value, Source, f"sources.{name}") for name, value in sources.items()}
     apt = mapping.get("apt", {})
     if not isinstance(apt, dict):
-        raise RecipeError("expected a table", "apt")
+        raise ConfigError("expected a table", "apt")
     for key in apt:
         if key != "repositories":
-            raise RecipeError(f"unknown key `{key}`", f"apt.{key}", _near_miss(key, ["repositories"]))
-    kwargs["apt_repositories"] = _convert(apt.get("repositories", []), tuple[AptRepository, ...],
+            raise ConfigError(f"unknown key `{key}`", f"apt.{key}", near_miss(key, ["repositories"]))
+    kwargs["apt_repositories"] = convert(apt.get("repositories", []), tuple[AptRepository, ...],
                                           "apt.repositories")
     recipe = Recipe(directory=directory, digest=digest, path=path, **kwargs)
     _check(recipe)
     return recipe
 
 
+_TABLES: dict[str, type] = {"recipe": RecipeInfo, "keys": Keys, "site": Site, "eeprom": Eeprom,
+                             "initramfs": Initramfs, "bootimg": Bootimg, "recovery": Recovery}
+
+
+def setting_type(key_path: Sequence[str]) -> Any:
+    """The field-table type of a recipe key path (`site.http_port` -> int), None when unknown."""
+    tp: Any = {"sources": Mapping[str, Source], "apt": None}.get(key_path[0], _TABLES.get(key_path[0]))
+    for part in key_path[1:]:
+        if tp is None:
+            return None
+        if typing.get_origin(tp) in (Mapping, dict):
+            tp = typing.get_args(tp)[1]
+        elif dataclasses.is_dataclass(tp):
+            rows = {row.name: row for row in settings(tp)}  # type: ignore[arg-type]
+            row = rows.get(part)
+            tp = None if row is None else (str if row.parse else row.type)
+        else:
+            return None
+    return tp
+
+
 def apply_override(mapping: dict[str, Any], assignment: str) -> None:
-    """Apply one `--set key.path=value` (value parsed as TOML when it can be, else a string)."""
+    """Apply one `--set key.path=value`. The value is read as the recipe's field table types the
+    key: a string field takes the text as is (`--set recipe.name=2024` is a name); other fields
+    read it as a TOML value (`8080`, `true`, `["a", "b"]`), and unknown keys too (then refused
+    by the same checks as the file, blamed on the --set)."""
     key, sep, raw = assignment.partition("=")
     if not sep or not key.strip():
-        raise RecipeError(f"bad --set {assignment!r}", "--set", "use --set key.path=value, e.g. site.http_port=8080")
+        raise ConfigError(f"bad --set {assignment!r}", "--set", "use --set key.path=value, e.g. site.http_port=8080")
+    parts = key.strip().split(".")
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw
-    parts = key.strip().split(".")
+    if setting_type(parts) is str and not isinstance(value, str):
+        value = raw
     node = mapping
     for part in parts[:-1]:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise RecipeError("cannot set inside a non-table value", f"--set {key}")
+            raise ConfigError("cannot set inside a non-table value", f"--set {key}")
         node = child
     node[parts[-1]] = value
 
@@ -357,27 +311,27 @@ def load_recipe(path: Path, overrides: Sequence[str] = ()) -> Recipe:
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
-        raise RecipeError("recipe file not found", str(path), "see recipes/ for examples") from None
+        raise ConfigError("recipe file not found", str(path), "see recipes/ for examples") from None
     except OSError as exc:
-        raise RecipeError(f"cannot read recipe: {exc.strerror}", str(path)) from None
+        raise ConfigError(f"cannot read recipe: {exc.strerror}", str(path)) from None
     try:
         mapping = tomllib.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:
-        raise RecipeError("recipe is not UTF-8 text", str(path)) from None
+        raise ConfigError("recipe is not UTF-8 text", str(path)) from None
     except tomllib.TOMLDecodeError as exc:
-        raise RecipeError(f"invalid TOML: {exc}", str(path)) from None
+        raise ConfigError(f"invalid TOML: {exc}", str(path)) from None
     for assignment in overrides:
         apply_override(mapping, assignment)
     digest = hashlib.sha256(raw + b"\0" + "\0".join(overrides).encode()).hexdigest()
     try:
         return parse_recipe(mapping, str(path.parent.resolve()), digest, str(path))
-    except RecipeError as exc:
+    except ConfigError as exc:
         blamed = _override_for(exc.where, overrides)
         if blamed is not None:
-            raise RecipeError(exc.what, f"--set {blamed}",
+            raise ConfigError(exc.what, f"--set {blamed}",
                               (exc.hint + "; " if exc.hint else "")
                               + f"the value comes from --set, not from {path}") from None
-        raise RecipeError(exc.what, f"{path}: {exc.where}" if exc.where else str(path), exc.hint) from None
+        raise in_file(exc, str(path)) from None
 
 
 def _override_for(where: str | None, overrides: Sequence[str]) -> str | None:

@@ -21,7 +21,6 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from .errors import FormatError, SignatureError
 
-RSA_SIG_BYTES = 256
 MAX_TS = 0xFFFFFFFF  # the EEPROM update timestamp is 32-bit; .sig ts lines follow suit
 TIMESTAMP = "0 to 4294967295 (unix seconds)"
 _SOC = re.compile(r"^[0-9a-z]+$")

@@ -1,11 +1,4 @@
-"""Pinned inputs: a content-addressed cache, URL fetches checked against sha256, offline import.
-
-Cache layout (`FWBUILD_CACHE`, default `~/.cache/fwbuild`):
-  sha256/<2 hex>/<64 hex>   immutable blobs, named by their digest
-  tmp/                      downloads in progress (never looked up)
-A blob enters the cache only after its digest matched: a wrong or partial download
-never does.
-"""
+"""Pinned inputs: URL fetches checked against sha256 into the cache (fwbuild.cache), offline import."""
 
 from __future__ import annotations
 
@@ -19,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .cache import Cache
 from .errors import SourceError
 from .fsutil import sha256_file
 from .progress import Progress, report, report_bytes
@@ -29,67 +23,6 @@ if TYPE_CHECKING:
 
 _CHUNK = 1 << 16
 FETCH_TIMEOUT = (10, 60)  # connect, read (seconds)
-
-
-@dataclass(frozen=True)
-class Cache:
-    root: Path
-
-    @classmethod
-    def default(cls) -> Cache:
-        env = os.environ.get("FWBUILD_CACHE")
-        root = Path(env) if env else Path.home() / ".cache" / "fwbuild"
-        return cls(root)
-
-    def blob_path(self, sha256: str) -> Path:
-        return self.root / "sha256" / sha256[:2] / sha256
-
-    def lookup(self, sha256: str) -> Path | None:
-        path = self.blob_path(sha256)
-        return path if path.is_file() else None
-
-    def _tmpdir(self) -> Path:
-        path = self.root / "tmp"
-        path.mkdir(parents=True, exist_ok=True)
-        return path
-
-    def _commit(self, tmp: Path, sha256: str) -> Path:
-        target = self.blob_path(sha256)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-        return target
-
-    def store_bytes(self, data: bytes) -> tuple[str, Path]:
-        digest = hashlib.sha256(data).hexdigest()
-        existing = self.lookup(digest)
-        if existing:
-            return digest, existing
-        fd, name = tempfile.mkstemp(dir=self._tmpdir())
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-            return digest, self._commit(Path(name), digest)
-        finally:
-            Path(name).unlink(missing_ok=True)
-
-    def store_file(self, path: Path, expected_sha256: str | None = None) -> tuple[str, Path]:
-        """Copy a local file into the cache (checked against `expected_sha256` when given)."""
-        fd, name = tempfile.mkstemp(dir=self._tmpdir())
-        tmp = Path(name)
-        try:
-            digest = hashlib.sha256()
-            with open(path, "rb") as src, os.fdopen(fd, "wb") as dst:
-                while block := src.read(1 << 20):
-                    digest.update(block)
-                    dst.write(block)
-            actual = digest.hexdigest()
-            if expected_sha256 is not None and actual != expected_sha256:
-                raise SourceError(f"sha256 mismatch: expected {expected_sha256}, got {actual}", str(path),
-                                  "the file is not the pinned one; check the recipe pin or the file")
-            return actual, self._commit(tmp, actual)
-        finally:
-            tmp.unlink(missing_ok=True)
 
 
 _ERRNO_TEXT = re.compile(r"\[Errno -?\d+\] ([^'\")]+)")
@@ -127,7 +60,7 @@ def fetch_url(cache: Cache, url: str, sha256: str, *, size: int = 0, progress: P
     if hit:
         return hit
     label = label or url.rsplit("/", 1)[-1]
-    fd, name = tempfile.mkstemp(dir=cache._tmpdir(), suffix=".part")
+    fd, name = tempfile.mkstemp(dir=cache.tmpdir(), suffix=".part")
     tmp = Path(name)
     try:
         getter = session or requests
@@ -164,7 +97,7 @@ def fetch_url(cache: Cache, url: str, sha256: str, *, size: int = 0, progress: P
         if actual != sha256:
             raise SourceError(f"sha256 mismatch: expected {sha256}, got {actual}", url,
                               "the server sent other bytes than the pinned ones; nothing was cached")
-        return cache._commit(tmp, sha256)
+        return cache.commit(tmp, sha256)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -201,8 +134,8 @@ def source_uses(recipe: Recipe) -> dict[str, list[tuple[str, str]]]:
     uses: dict[str, list[tuple[str, str]]] = {name: [] for name in recipe.sources}
     for key, step in SOURCE_REFS:
         ref = values[key]
-        if ref.startswith("source:") and ref[len("source:"):] in uses:
-            uses[ref[len("source:"):]].append((key, step))
+        if ref.kind == "source" and ref.name in uses:
+            uses[ref.name].append((key, step))
     return uses
 
 

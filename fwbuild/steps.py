@@ -1,8 +1,9 @@
 """The build steps of `fwbuild build`, in pipeline order.
 
-Each step turns recipe values and earlier artifacts into artifacts under
-`out/<recipe>/`; the formats themselves live in the eeprom/, initramfs/, bootimg/
-and recovery/ packages.
+Each step turns recipe values and earlier artifacts into artifacts of the set; it
+declares what it reads and writes with the handles of fwbuild.layout (which also says
+where each lives), and the engine (fwbuild.pipeline) runs it. The formats themselves
+live in the eeprom/, initramfs/, bootimg/ and recovery/ packages.
 """
 
 from __future__ import annotations
@@ -13,11 +14,21 @@ import json
 from collections.abc import Mapping
 from dataclasses import asdict
 
-from .build import BuildContext, Step
 from .errors import BuildError, KeyFileError
 from .fsutil import sha256_file
 from .keys import load_boot_key
+from .layout import (
+    BOOT_IMG,
+    BOOT_SIG,
+    EEPROM_IMAGE,
+    EEPROM_SIG,
+    INITRAMFS,
+    INITRAMFS_PROVENANCE,
+    RECOVERY_KIT,
+)
+from .pipeline import BuildContext, Step
 from .recipe import resolve_path, resolved_repositories
+from .refs import FAKE, PACKAGE, SYNTHETIC, TEMPLATE, Ref
 from .sources import check_offline, needed_sources, source_path
 
 
@@ -61,7 +72,7 @@ def check_inputs(ctx: BuildContext) -> None:
             if not resolve_path(recipe, template).is_file():
                 raise BuildError("bootconf template not found", f"eeprom.templates.{variant}: {template}")
     if _selected(ctx, "initramfs"):
-        if recipe.initramfs.init.endswith(".j2") and not resolve_path(recipe, recipe.initramfs.init).is_file():
+        if recipe.initramfs.init.kind == TEMPLATE and not resolve_path(recipe, recipe.initramfs.init.name).is_file():
             raise BuildError("init template not found", f"initramfs.init: {recipe.initramfs.init}")
         for dest, src in recipe.initramfs.files.items():
             if not resolve_path(recipe, src).exists():
@@ -77,8 +88,8 @@ def fetch_sources(ctx: BuildContext) -> None:
                                         progress=ctx.progress)
 
 
-def _source_bytes(ctx: BuildContext, ref: str) -> bytes:
-    return ctx.sources[ref[len("source:"):]].read_bytes()
+def _source_bytes(ctx: BuildContext, ref: Ref) -> bytes:
+    return ctx.sources[ref.name].read_bytes()
 
 
 # --- eeprom ---------------------------------------------------------------------------
@@ -87,8 +98,8 @@ def _eeprom_base(ctx: BuildContext) -> bytes:
     from .eeprom.synthetic import synthetic_image
 
     base = ctx.recipe.eeprom.base
-    if base.startswith("synthetic:"):
-        return synthetic_image(base[len("synthetic:"):])
+    if base.kind == SYNTHETIC:
+        return synthetic_image(base.name)
     return _source_bytes(ctx, base)
 
 
@@ -113,7 +124,7 @@ def eeprom_inputs(ctx: BuildContext) -> Mapping[str, str]:
     return {
         "section": _section_digest(ctx.recipe.eeprom),
         "site": _section_digest(ctx.recipe.site),
-        "base": base if base.startswith("synthetic:") else ctx.recipe.sources[base[7:]].sha256,
+        "base": str(base) if base.kind == SYNTHETIC else ctx.recipe.sources[base.name].sha256,
         "templates": _digest(json.dumps(_template_texts(ctx), sort_keys=True).encode()),
         "key": _key_digest(ctx),
         "epoch": str(ctx.epoch),
@@ -130,8 +141,8 @@ def build_eeprom(ctx: BuildContext) -> None:
     for variant in ctx.recipe.eeprom.variants:
         text = render_bootconf(variant, site_values(ctx), templates.get(variant))
         image = assemble_eeprom(base, text, boot_key=key, timestamp=ctx.epoch)
-        ctx.add_artifact(f"eeprom/{variant}/pieeprom.bin", image)
-        ctx.add_artifact(f"eeprom/{variant}/pieeprom.sig", pieeprom_sig(image, ctx.epoch))
+        ctx.put(EEPROM_IMAGE(variant), image)
+        ctx.put(EEPROM_SIG(variant), pieeprom_sig(image, ctx.epoch))
 
 
 # --- recovery --------------------------------------------------------------------------
@@ -139,8 +150,8 @@ def build_eeprom(ctx: BuildContext) -> None:
 def recovery_inputs(ctx: BuildContext) -> Mapping[str, str]:
     ref = ctx.recipe.recovery.recovery_bin
     return {
-        "recovery_bin": ref if ref == "fake" else ctx.recipe.sources[ref[7:]].sha256,
-        "pieeprom": _digest(ctx.artifacts[f"eeprom/{ctx.recipe.recovery.variant}/pieeprom.bin"]),
+        "recovery_bin": str(ref) if ref.kind == FAKE else ctx.recipe.sources[ref.name].sha256,
+        "pieeprom": _digest(ctx.get(EEPROM_IMAGE(ctx.recipe.recovery.variant))),
         "epoch": str(ctx.epoch),
     }
 
@@ -149,9 +160,9 @@ def build_recovery(ctx: BuildContext) -> None:
     from .recovery.archive import fake_recovery_bin, recovery_archive
 
     ref = ctx.recipe.recovery.recovery_bin
-    recovery_bin = fake_recovery_bin() if ref == "fake" else _source_bytes(ctx, ref)
-    pieeprom = ctx.artifacts[f"eeprom/{ctx.recipe.recovery.variant}/pieeprom.bin"]
-    ctx.add_artifact("recovery/rpi-5-sd-recovery.tar.gz", recovery_archive(recovery_bin, pieeprom, ctx.epoch))
+    recovery_bin = fake_recovery_bin() if ref.kind == FAKE else _source_bytes(ctx, ref)
+    pieeprom = ctx.get(EEPROM_IMAGE(ctx.recipe.recovery.variant))
+    ctx.put(RECOVERY_KIT, recovery_archive(recovery_bin, pieeprom, ctx.epoch))
 
 
 # --- initramfs -------------------------------------------------------------------------
@@ -162,9 +173,9 @@ def build_initramfs_step(ctx: BuildContext) -> None:
 
     spec = spec_from_recipe(ctx.recipe, epoch=ctx.epoch)
     result = build_initramfs(spec, ctx.cache, ctx.progress, offline=ctx.offline)
-    ctx.add_artifact("initramfs/initramfs_2712", result.data)
-    ctx.add_artifact("initramfs/initramfs_2712.provenance.json",
-                     (json.dumps(result.provenance_document(), indent=1, sort_keys=True) + "\n").encode())
+    ctx.put(INITRAMFS, result.data)
+    ctx.put(INITRAMFS_PROVENANCE,
+            (json.dumps(result.provenance_document(), indent=1, sort_keys=True) + "\n").encode())
     ctx.packages.extend({k: str(v) for k, v in p.as_record().items()} for p in result.packages)
 
 
@@ -174,7 +185,7 @@ def _kernel_and_dtbs(ctx: BuildContext) -> tuple[bytes, dict[str, bytes]]:
     from .initramfs.builder import stage_kernel
 
     recipe = ctx.recipe
-    if recipe.bootimg.kernel != "package":
+    if recipe.bootimg.kernel.kind != PACKAGE:
         return _source_bytes(ctx, recipe.bootimg.kernel), {}
     if not recipe.initramfs.kernel_package:
         raise BuildError("bootimg.kernel = \"package\" but no initramfs.kernel_package",
@@ -204,19 +215,19 @@ def build_bootimg(ctx: BuildContext) -> None:
     section = ctx.recipe.bootimg
     if section.compress_kernel and not kernel.startswith(GZIP_MAGIC):
         kernel = compress_cached(kernel, "gzip", ctx.cache)
-    files = boot_files(kernel, ctx.artifacts["initramfs/initramfs_2712"], dtbs, section.cmdline,
+    files = boot_files(kernel, ctx.get(INITRAMFS), dtbs, section.cmdline,
                        section.config, {}, kernel_name=section.kernel_name,
-                       require_dtbs=ctx.recipe.recipe.target != "virtual")
+                       require_dtbs=ctx.recipe.info.target != "virtual")
     image = build_boot_image(files, ctx.epoch)
-    ctx.add_artifact("bootimg/boot.img", image)
-    ctx.add_artifact("bootimg/boot.sig", sign_boot_image(image, load_boot_key(ctx.keys.boot_key), ctx.epoch))
+    ctx.put(BOOT_IMG, image)
+    ctx.put(BOOT_SIG, sign_boot_image(image, load_boot_key(ctx.keys.boot_key), ctx.epoch))
 
 
 STEPS: list[Step] = [
     Step("check_inputs", check_inputs, always=True),
     Step("fetch_sources", fetch_sources, always=True),
-    Step("eeprom", build_eeprom, eeprom_inputs),
-    Step("initramfs", build_initramfs_step),
-    Step("bootimg", build_bootimg, needs=("initramfs",)),
-    Step("recovery", build_recovery, recovery_inputs, needs=("eeprom",)),
+    Step("eeprom", build_eeprom, eeprom_inputs, writes=(EEPROM_IMAGE, EEPROM_SIG)),
+    Step("initramfs", build_initramfs_step, writes=(INITRAMFS, INITRAMFS_PROVENANCE)),
+    Step("bootimg", build_bootimg, reads=(INITRAMFS,), writes=(BOOT_IMG, BOOT_SIG)),
+    Step("recovery", build_recovery, recovery_inputs, reads=(EEPROM_IMAGE,), writes=(RECOVERY_KIT,)),
 ]

@@ -13,8 +13,18 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from .build import MANIFEST
 from .errors import FormatError, SignatureError
+from .layout import (
+    BOOT_IMG,
+    BOOT_SIG,
+    EEPROM_DIR,
+    EEPROM_IMAGE,
+    EEPROM_SIG,
+    INITRAMFS,
+    MANIFEST,
+    RECOVERY_KIT,
+    Artifact,
+)
 from .sign import parse_sig, verify_sig
 
 
@@ -44,12 +54,13 @@ def _load_manifest(out_dir: Path) -> dict[str, Any]:
 
 
 ALL_STEPS = ("eeprom", "initramfs", "bootimg", "recovery")
-# Artifacts each build step publishes (eeprom: per variant).
-STEP_ARTIFACTS = {
-    "initramfs": ("initramfs/initramfs_2712",),
-    "bootimg": ("bootimg/boot.img", "bootimg/boot.sig"),
-    "recovery": ("recovery/rpi-5-sd-recovery.tar.gz",),
+# Artifacts whose presence shows a build step ran (eeprom: per variant, under EEPROM_DIR).
+STEP_ARTIFACTS: dict[str, tuple[Artifact, ...]] = {
+    "initramfs": (INITRAMFS,),
+    "bootimg": (BOOT_IMG, BOOT_SIG),
+    "recovery": (RECOVERY_KIT,),
 }
+_EEPROM_PREFIX = EEPROM_DIR + "/"
 
 
 def _check_steps(manifest: dict[str, Any], artifacts: dict[str, Any], out_dir: Path,
@@ -59,13 +70,15 @@ def _check_steps(manifest: dict[str, Any], artifacts: dict[str, Any], out_dir: P
     steps = manifest.get("steps")
     where = str(out_dir / MANIFEST)
     if steps is None:  # sets built before steps were recorded
-        report.steps = [s for s in ALL_STEPS if s != "eeprom" and all(a in artifacts for a in STEP_ARTIFACTS[s])
-                        or s == "eeprom" and any(a.startswith("eeprom/") for a in artifacts)]
+        report.steps = [s for s in ALL_STEPS
+                        if s != "eeprom" and all(a.rel in artifacts for a in STEP_ARTIFACTS[s])
+                        or s == "eeprom" and any(a.startswith(_EEPROM_PREFIX) for a in artifacts)]
         return
     if not isinstance(steps, list) or not steps or any(s not in ALL_STEPS for s in steps):
         raise FormatError(f"manifest `steps` must list build steps among {', '.join(ALL_STEPS)}, "
                           f"got {steps!r}", where)
-    for step, expected in STEP_ARTIFACTS.items():
+    for step, handles in STEP_ARTIFACTS.items():
+        expected = [a.rel for a in handles]
         present = [a for a in expected if a in artifacts]
         if step in steps and len(present) != len(expected):
             missing = sorted(set(expected) - set(present))
@@ -73,7 +86,7 @@ def _check_steps(manifest: dict[str, Any], artifacts: dict[str, Any], out_dir: P
         if step not in steps and present:
             raise FormatError(f"{present[0]} is in the set but step {step} is not in the manifest's steps",
                               where)
-    has_eeprom = any(a.startswith("eeprom/") for a in artifacts)
+    has_eeprom = any(a.startswith(_EEPROM_PREFIX) for a in artifacts)
     if ("eeprom" in steps) != has_eeprom:
         raise FormatError("the manifest's steps and its eeprom/ artifacts disagree", where)
     report.steps = list(steps)
@@ -117,9 +130,9 @@ def verify_output(out_dir: Path, key: rsa.RSAPublicKey | None = None) -> VerifyR
     _check_steps(manifest, artifacts, out_dir, report)
 
     signer: rsa.RSAPublicKey | None = key
-    for rel in sorted(r for r in data if r.endswith("/pieeprom.bin")):
+    for rel, variant in sorted((r, v) for r in data if (v := EEPROM_IMAGE.variant_of(r)) is not None):
         image = data[rel]
-        sig_rel = rel[: -len(".bin")] + ".sig"
+        sig_rel = EEPROM_SIG(variant).rel
         if sig_rel not in data:
             raise SignatureError("pieeprom.bin has no pieeprom.sig beside it", str(out_dir / rel))
         sig = parse_sig(data[sig_rel], str(out_dir / sig_rel))
@@ -135,17 +148,16 @@ def verify_output(out_dir: Path, key: rsa.RSAPublicKey | None = None) -> VerifyR
         verify_eeprom(image, signer)
         report.ok(f"{rel}: structure, pieeprom.sig, bootconf.sig verify")
 
-    if "bootimg/boot.img" in data:
+    if BOOT_IMG.rel in data:
         if signer is None:
             raise SignatureError("no EEPROM pubkey.bin and no --key to check boot.sig with", str(out_dir))
-        sig = parse_sig(data.get("bootimg/boot.sig", b""), str(out_dir / "bootimg/boot.sig"))
-        verify_sig(data["bootimg/boot.img"], sig, signer, require_rsa=True,
-                   where=str(out_dir / "bootimg/boot.sig"))
-        report.ok("bootimg/boot.img: boot.sig (sha256 + rsa2048) verifies with the EEPROM key")
+        sig_where = str(BOOT_SIG.path(out_dir))
+        sig = parse_sig(data.get(BOOT_SIG.rel, b""), sig_where)
+        verify_sig(data[BOOT_IMG.rel], sig, signer, require_rsa=True, where=sig_where)
+        report.ok(f"{BOOT_IMG.rel}: boot.sig (sha256 + rsa2048) verifies with the EEPROM key")
 
-    archive_rel = "recovery/rpi-5-sd-recovery.tar.gz"
-    if archive_rel in data:
-        _verify_recovery(data, archive_rel, out_dir, report)
+    if RECOVERY_KIT.rel in data:
+        _verify_recovery(data, RECOVERY_KIT.rel, out_dir, report)
     if signer is not None:
         der = signer.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
         report.ok(f"boot-signing key sha256(SubjectPublicKeyInfo) {hashlib.sha256(der).hexdigest()}")
@@ -153,6 +165,8 @@ def verify_output(out_dir: Path, key: rsa.RSAPublicKey | None = None) -> VerifyR
 
 
 def _verify_recovery(data: dict[str, bytes], rel: str, out_dir: Path, report: VerifyReport) -> None:
+    from .recovery.archive import KIT_FILES
+
     where = str(out_dir / rel)
     try:
         with tarfile.open(fileobj=io.BytesIO(data[rel]), mode="r:gz") as tar:
@@ -160,12 +174,12 @@ def _verify_recovery(data: dict[str, bytes], rel: str, out_dir: Path, report: Ve
             files = {name: handle.read() for name, handle in members.items() if handle is not None}
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise FormatError(f"recovery archive is unreadable: {exc}", where) from None
-    expected = {"README.txt", "pieeprom.bin", "pieeprom.sig", "recovery.bin"}
+    expected = set(KIT_FILES)
     if set(files) != expected:
         raise FormatError(f"recovery archive holds {sorted(files)}, expected {sorted(expected)}", where)
     verify_sig(files["pieeprom.bin"], parse_sig(files["pieeprom.sig"], f"{where}: pieeprom.sig"),
                where=f"{where}: pieeprom.sig")
-    variants = [r for r in data if r.startswith("eeprom/") and r.endswith("/pieeprom.bin")]
+    variants = [r for r in data if EEPROM_IMAGE.variant_of(r) is not None]
     matching = [r for r in variants if data[r] == files["pieeprom.bin"]]
     if variants and not matching:
         raise SignatureError("the archive's pieeprom.bin is none of the set's EEPROM variants", where)

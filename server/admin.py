@@ -30,7 +30,7 @@ from fwbuild import __version__
 from fwbuild.errors import FwbuildError, UsageError
 
 from . import BOOT_MODES
-from .errors import HttpError
+from .errors import Conflict, HttpError
 from .service import Service
 from .status import render_node, render_status, status_model
 from .web import Request, Response, Route, host_is_loopback
@@ -177,7 +177,12 @@ class AdminRoutes:
         certificate names: the event is how a distant node (whose HTTP boot comes through an
         entrypoint, unattributable) shows up as seen."""
         node = self.service.booting_node(request.params["mac"])
-        image = self.service.node_image(node)
+        try:
+            image = self.service.node_image(node)
+        except Conflict:  # its own client writes its EEPROM (WalT's): still seen, then 409
+            if request.method == "GET":
+                self.service.record(node, "eeprom-digest", "409", "ssh-gate")
+            raise
         if request.method == "GET":
             self.service.record(node, "eeprom-digest", "200", "ssh-gate")
         return Response.text(image.sha256 + "\n", headers={"Cache-Control": "no-store"})

@@ -19,16 +19,23 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from fwbuild import layout
 from fwbuild.errors import FormatError, FwbuildError
 from fwbuild.fsutil import atomic_write
 from fwbuild.sign import build_sig, parse_sig
 
 log = logging.getLogger("fwbuild.server")
 
-BOOT_IMG = Path("bootimg/boot.img")
-BOOT_SIG = Path("bootimg/boot.sig")
-RECOVERY = Path("recovery/rpi-5-sd-recovery.tar.gz")
-MANIFEST = Path("manifest.json")
+# The set's files, relative to its directory (fwbuild.layout spells them).
+BOOT_IMG = Path(layout.BOOT_IMG.rel)
+BOOT_SIG = Path(layout.BOOT_SIG.rel)
+RECOVERY = Path(layout.RECOVERY_KIT.rel)
+MANIFEST = Path(layout.MANIFEST)
+
+
+def eeprom_image(variant: str) -> Path:
+    """`eeprom/<variant>/pieeprom.bin` of a set."""
+    return Path(layout.EEPROM_IMAGE(variant).rel)
 
 
 class ArtifactMissing(FwbuildError):
@@ -208,16 +215,16 @@ class ArtifactSet:
             problems.append(f"{self.directory / BOOT_IMG}: {exc.what}")
         if not self.is_virtual():
             for mode in modes:
-                base = self.directory / "eeprom" / mode / "pieeprom.bin"
+                base = self.directory / eeprom_image(mode)
                 if not base.is_file():
                     problems.append(f"{base}: missing EEPROM base image for boot mode {mode!r} "
                                     "(only a set built from a virtual recipe may do without)")
         return problems
 
     def eeprom_base(self, variant: str) -> bytes | None:
-        """The build's `eeprom/<variant>/pieeprom.bin`, or None when the set has none."""
+        """The build's EEPROM image of `variant`, or None when the set has none."""
         try:
-            data, _ = self.read(Path("eeprom") / variant / "pieeprom.bin")
+            data, _ = self.read(eeprom_image(variant))
         except ArtifactMissing:
             return None
         return data
@@ -226,11 +233,10 @@ class ArtifactSet:
         """sha256 + size of each artifact present (status page, admin API)."""
         found: dict[str, dict[str, object]] = {}
         candidates = [BOOT_IMG, BOOT_SIG, RECOVERY, MANIFEST]
-        eeprom_dir = self.directory / "eeprom"
+        eeprom_dir = self.directory / layout.EEPROM_DIR
         if eeprom_dir.is_dir():
             for variant in sorted(p.name for p in eeprom_dir.iterdir() if p.is_dir()):
-                candidates += [Path("eeprom") / variant / "pieeprom.bin",
-                               Path("eeprom") / variant / "pieeprom.sig"]
+                candidates += [eeprom_image(variant), Path(layout.EEPROM_SIG(variant).rel)]
         for relative in candidates:
             try:
                 info = self.info(relative)

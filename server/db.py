@@ -1,4 +1,6 @@
-"""The server's state: one SQLite file in WAL mode, schema versioned with migrations.
+"""The server's state: one SQLite file in WAL mode (the embedded default) or a PostgreSQL
+database shared by several servers (server/pgstore.py); one schema, versioned with the same
+migrations, and one SQL code path (`?` parameters, `ON CONFLICT`, `RETURNING`, `CASE`).
 
 Writers use `BEGIN IMMEDIATE` transactions (the write lock is taken up front, so two
 enrollments never read the same counter value) and `busy_timeout` to wait for each other;
@@ -13,11 +15,16 @@ import contextlib
 import os
 import queue
 import sqlite3
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 from fwbuild.errors import FwbuildError
+
+if TYPE_CHECKING:
+    from .config import ServerConfig
 
 BUSY_TIMEOUT_MS = 60_000
 
@@ -82,6 +89,57 @@ class StateError(FwbuildError):
     """The state database cannot be opened or is newer than this server."""
 
 
+class Cursor(Protocol):
+    @property
+    def rowcount(self) -> int: ...
+
+    def fetchone(self) -> Any: ...
+
+    def fetchall(self) -> list[Any]: ...
+
+    def __iter__(self) -> Iterator[Any]: ...
+
+
+class Conn(Protocol):
+    """What the queries need of a connection: sqlite3's, or server.pgstore's adapter."""
+
+    def execute(self, sql: str, parameters: Sequence[Any] = ..., /) -> Cursor: ...
+
+
+class Store(Protocol):
+    """Either state database (SQLite `Database` or `pgstore.PgDatabase`)."""
+
+    dialect: str
+
+    def connection(self) -> contextlib.AbstractContextManager[Conn]: ...
+
+    def transaction(self) -> contextlib.AbstractContextManager[Conn]: ...
+
+    def close(self) -> None: ...
+
+    def schema_version(self) -> int: ...
+
+    def integrity_check(self) -> str: ...
+
+    def wait_change(self, timeout: float, stop: threading.Event) -> None: ...
+
+
+CHANGES = "changes"  # counter bumped by every write other instances must follow
+
+
+def open_database(config: ServerConfig) -> Store:
+    """The configured state database: PostgreSQL when `server.database` names one."""
+    if config.database_url is not None:
+        from .pgstore import PgDatabase
+        return PgDatabase(config.database_url)
+    return Database(config.database)
+
+
+def state_exists(config: ServerConfig) -> bool:
+    """Whether the state database exists (a PostgreSQL database is the admin's to create)."""
+    return config.database_url is not None or config.database.exists()
+
+
 @dataclass(frozen=True)
 class NodeRow:
     mac: str
@@ -127,6 +185,8 @@ class EventRow:
 
 class Database:
     """A pool of connections to one SQLite file; migrated to SCHEMA_VERSION when opened."""
+
+    dialect = "sqlite"
 
     def __init__(self, path: Path, pool_size: int = 16) -> None:
         self.path = path
@@ -219,8 +279,26 @@ class Database:
         with self.connection() as conn:
             return str(conn.execute("PRAGMA integrity_check").fetchone()[0])
 
+    def wait_change(self, timeout: float, stop: threading.Event) -> None:
+        """Block until another process may have changed the state (SQLite: a poll)."""
+        stop.wait(timeout)
 
-def next_counter(conn: sqlite3.Connection, name: str) -> int:
+
+def changes(conn: Conn) -> int:
+    """The change counter (compare two reads to know whether to re-sync)."""
+    row = conn.execute("SELECT value FROM counters WHERE name = ?", (CHANGES,)).fetchone()
+    return int(row[0]) if row else 0
+
+
+def note_change(conn: Conn) -> None:
+    """Bump the change counter (inside the write transaction); PostgreSQL also notifies the
+    listening instances at commit."""
+    next_counter(conn, CHANGES)
+    if getattr(conn, "dialect", "sqlite") == "postgresql":
+        conn.execute("SELECT pg_notify('fwbuild_changes', '')")
+
+
+def next_counter(conn: Conn, name: str) -> int:
     """Increment and return a named counter (call inside a write transaction)."""
     conn.execute("INSERT INTO counters(name, value) VALUES (?, 0) ON CONFLICT(name) DO NOTHING",
                  (name,))
@@ -233,39 +311,39 @@ _CERT_COLS = ", ".join(CertRow.__dataclass_fields__)
 _EVENT_COLS = ", ".join(EventRow.__dataclass_fields__)
 
 
-def get_node(conn: sqlite3.Connection, mac: str) -> NodeRow | None:
+def get_node(conn: Conn, mac: str) -> NodeRow | None:
     row = conn.execute(f"SELECT {_NODE_COLS} FROM nodes WHERE mac = ?", (mac,)).fetchone()
     return NodeRow(*row) if row else None
 
 
-def get_node_by_label(conn: sqlite3.Connection, label: str) -> NodeRow | None:
+def get_node_by_label(conn: Conn, label: str) -> NodeRow | None:
     row = conn.execute(f"SELECT {_NODE_COLS} FROM nodes WHERE label = ?", (label,)).fetchone()
     return NodeRow(*row) if row else None
 
 
-def list_nodes(conn: sqlite3.Connection) -> list[NodeRow]:
+def list_nodes(conn: Conn) -> list[NodeRow]:
     return [NodeRow(*r) for r in conn.execute(f"SELECT {_NODE_COLS} FROM nodes ORDER BY mac")]
 
 
-def get_cert(conn: sqlite3.Connection, serial: int) -> CertRow | None:
+def get_cert(conn: Conn, serial: int) -> CertRow | None:
     row = conn.execute(f"SELECT {_CERT_COLS} FROM certificates WHERE serial = ?",
                        (serial,)).fetchone()
     return CertRow(*row) if row else None
 
 
-def node_certs(conn: sqlite3.Connection, mac: str) -> list[CertRow]:
+def node_certs(conn: Conn, mac: str) -> list[CertRow]:
     return [CertRow(*r) for r in conn.execute(
         f"SELECT {_CERT_COLS} FROM certificates WHERE node_mac = ? ORDER BY serial", (mac,))]
 
 
-def revoked_public_keys(conn: sqlite3.Connection) -> list[tuple[int, str, str]]:
+def revoked_public_keys(conn: Conn) -> list[tuple[int, str, str]]:
     """(serial, key_id, public key line) of every revoked certificate, by serial."""
     return [(int(r[0]), str(r[1]), str(r[2])) for r in conn.execute(
         "SELECT serial, key_id, public_key FROM certificates WHERE revoked_at IS NOT NULL "
         "ORDER BY serial")]
 
 
-def recent_events(conn: sqlite3.Connection, mac: str | None = None,
+def recent_events(conn: Conn, mac: str | None = None,
                   limit: int = 50) -> list[EventRow]:
     if mac is None:
         rows = conn.execute(f"SELECT {_EVENT_COLS} FROM events ORDER BY id DESC LIMIT ?", (limit,))
@@ -275,7 +353,7 @@ def recent_events(conn: sqlite3.Connection, mac: str | None = None,
     return [EventRow(*r) for r in rows]
 
 
-def prune_events(conn: sqlite3.Connection, older_than: int, keep: int) -> int:
+def prune_events(conn: Conn, older_than: int, keep: int) -> int:
     """Delete events older than `older_than` and all but the newest `keep`; rows deleted."""
     deleted = conn.execute("DELETE FROM events WHERE time < ?", (older_than,)).rowcount
     row = conn.execute("SELECT max(id) FROM events").fetchone()
@@ -284,6 +362,6 @@ def prune_events(conn: sqlite3.Connection, older_than: int, keep: int) -> int:
     return int(deleted)
 
 
-def insert_cert(conn: sqlite3.Connection, cert: CertRow) -> None:
+def insert_cert(conn: Conn, cert: CertRow) -> None:
     conn.execute(f"INSERT INTO certificates({_CERT_COLS}) VALUES ({', '.join('?' * 11)})",
                  tuple(cert.__dict__.values()))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shlex
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from fwbuild.errors import UsageError
@@ -30,28 +31,112 @@ def _comment(text: str) -> str:
     return "".join(f"# {line}\n" for line in text.splitlines())
 
 
-def http_entrypoint_config(kind: str, server: Endpoint, listen_port: int = 80) -> str:
-    """Reverse-proxy config forwarding `/walt-vpn/` to the fwbuild server."""
-    target = server.render(-1)  # always host:port
-    header = _comment(f"fwbuild HTTP entrypoint ({kind}): forward /walt-vpn/ to {target}.\n"
-                      + _NOTE)
-    if kind == "nginx":
-        return header + f"""# Put this inside the `server {{ listen {listen_port}; ... }}` block of the site.
-location ^~ /walt-vpn/ {{
-    proxy_pass http://{target}/walt-vpn/;
-    proxy_http_version 1.1;
-    proxy_set_header Connection "";
-    proxy_set_header Host $host;
-    proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
-    # boot.img is tens of MB: stream it (Range and conditional requests pass through).
-    proxy_buffering off;
-    proxy_request_buffering off;
-    client_max_body_size {MAX_BODY // 1024}k;
-    proxy_read_timeout 300s;
+@dataclass(frozen=True)
+class HttpCache:
+    """The nginx entrypoint's boot image cache (entrypoints.http_cache_* in server.toml)."""
+
+    directory: str = "/var/cache/nginx/fwbuild"
+    max_size: str = "20g"
+
+
+def _common(indent: str) -> str:
+    return "".join(f"{indent}{line}\n" for line in (
+        "proxy_http_version 1.1;",
+        'proxy_set_header Connection "";',
+        "proxy_set_header Host $host;",
+        "# The server trusts X-Real-IP from this entrypoint's address only: always set it",
+        "# here, so a node's own X-Real-IP header never reaches the server.",
+        "proxy_set_header X-Real-IP $remote_addr;"))
+
+
+def _nginx(servers: tuple[Endpoint, ...], listen_port: int | str, cache: HttpCache) -> str:
+    upstream = "".join(f"    server {s.render(-1)};\n" for s in servers)
+    return rf"""# Install as /etc/nginx/conf.d/fwbuild-walt-vpn.conf (nginx's http context; needs
+# the auth_request module: nginx-light/-full/-extras on Debian). List this entrypoint's
+# address in the server's [entrypoints] http_trusted.
+upstream fwbuild_servers {{
+{upstream}    keepalive 16;
+}}
+# Boot images by digest: the key is the content's sha256, so an entry never goes stale
+# and the servers send each boot.img once per entrypoint (not once per boot).
+proxy_cache_path {cache.directory} levels=1:2 keys_zone=fwbuild_boot:10m
+                 max_size={cache.max_size} inactive=30d use_temp_path=off;
+
+server {{
+    listen {listen_port};
+
+    location ^~ /walt-vpn/ {{
+        # Per-node boot paths (the Pi 5 bootloader follows no redirect: answered here).
+        # A sub-request asks the server whether the node may boot (revoked: 403) and
+        # which content it gets; the body then comes from the cache, keyed by digest.
+        location ~ ^/walt-vpn/(node|per-ip)/[^/]+/boot\.(img|sig)$ {{
+            auth_request /_fwbuild_auth;
+            auth_request_set $fwbuild_object $upstream_http_x_fwbuild_object;
+            # any other answer of the sub-request than 2xx/401/403 (404: unknown node,
+            # a server error): the servers answer the request themselves
+            error_page 500 = @fwbuild_direct;
+            proxy_pass http://fwbuild_servers/walt-vpn/by-digest/$fwbuild_object;
+            proxy_buffering on;  # (caching needs it)
+            proxy_cache fwbuild_boot;
+            proxy_cache_key $fwbuild_object;
+            proxy_cache_valid 200 30d;
+            # one fetch per digest: concurrent misses wait for it (tens of MB)
+            proxy_cache_lock on;
+            proxy_cache_lock_timeout 600s;
+            proxy_cache_lock_age 600s;
+            # the per-node path is not immutable: it changes with the artifact set
+            proxy_hide_header Cache-Control;
+            add_header Cache-Control "no-cache" always;
+            add_header X-Cache-Status $upstream_cache_status always;
+            proxy_read_timeout 300s;
+{_common("            ")}        }}
+
+        # everything else under /walt-vpn/ goes to the servers unchanged, streamed
+        # (Range and conditional requests pass through)
+        proxy_pass http://fwbuild_servers/walt-vpn/;
+        proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+        proxy_buffering off;
+        proxy_request_buffering off;
+        client_max_body_size {MAX_BODY // 1024}k;
+        proxy_read_timeout 300s;
+{_common("        ")}    }}
+
+    location = /_fwbuild_auth {{
+        internal;
+        proxy_pass http://fwbuild_servers/walt-vpn/entrypoint-auth;
+        proxy_pass_request_body off;
+        proxy_set_header Content-Length "";
+        proxy_set_header X-Original-URI $request_uri;
+        proxy_set_header Range "";
+        proxy_set_header If-None-Match "";
+        proxy_set_header If-Modified-Since "";
+{_common("        ")}    }}
+
+    location @fwbuild_direct {{
+        proxy_pass http://fwbuild_servers;
+        proxy_buffering off;
+{_common("        ")}    }}
 }}
 """
+
+
+def http_entrypoint_config(kind: str, server: Endpoint | tuple[Endpoint, ...],
+                           listen_port: int | str = 80, cache: HttpCache | None = None) -> str:
+    """Reverse-proxy config forwarding `/walt-vpn/` to the fwbuild server(s); nginx also
+    answers the per-node boot paths from its cache (keyed by digest). `listen_port` may be
+    `address:port` for nginx."""
+    servers = server if isinstance(server, tuple) else (server,)
+    target = servers[0].render(-1)  # always host:port
+    header = _comment(f"fwbuild HTTP entrypoint ({kind}): forward /walt-vpn/ to "
+                      f"{', '.join(s.render(-1) for s in servers)}.\n" + _NOTE)
+    if kind == "nginx":
+        return header + _nginx(servers, listen_port, cache or HttpCache())
     if kind == "haproxy":
-        return header + f"""frontend walt_vpn_http
+        backends = "".join(f"    server fwbuild{i + 1} {s.render(-1)} check\n"
+                           for i, s in enumerate(servers)) if len(servers) > 1 else \
+            f"    server fwbuild {target}\n"
+        return header + f"""# (no boot image cache here: `--nginx` prints the entrypoint that caches by digest)
+frontend walt_vpn_http
     bind :{listen_port}
     mode http
     timeout client 300s
@@ -64,9 +149,11 @@ backend fwbuild_server
     timeout connect 10s
     timeout server 300s
     option forwardfor
-    server fwbuild {target}
-"""
+{backends}"""
     if kind == "apache":
+        if len(servers) > 1:
+            raise UsageError("the apache config forwards to one server", "--server",
+                             "give one --server, or use --nginx or --haproxy for several")
         return header + f"""# Needs: a2enmod proxy proxy_http
 <VirtualHost *:{listen_port}>
     ProxyRequests Off

@@ -6,7 +6,9 @@ is not a session and never reaches this program. The node is the key id `vpn_<ma
 the certificate sshd accepted, read from the file sshd names in $SSH_USER_AUTH
 (`ExposeAuthInfo yes`), never from anything the client sends. The session may then:
 
-  eeprom-digest   print the sha256 hex of the node's expected EEPROM image (+ "\\n")
+  eeprom-digest   print the sha256 hex of the node's expected EEPROM image (+ "\\n"); for a
+                  node that enrolled with its own key (WalT's client writes its EEPROM, the
+                  server has no image for it): one `walt-vpn: ...` line, exit status 3
   eeprom-image    write the node's raw pieeprom.bin (2 MiB) to stdout
   sftp            read-only SFTP confined to the node's own root (server.sftp)
   check-in-walt-net  WalT's anti-relay check: `OK` when the SSH client address is inside
@@ -15,7 +17,12 @@ the certificate sshd accepted, read from the file sshd names in $SSH_USER_AUTH
 
 both EEPROM answers come from the server's admin API on loopback. Anything else (a shell,
 another command) is refused: one `walt-vpn: ...` line on stderr, exit status 1. Exit
-status 2 when the server cannot answer (the node backs off and retries).
+status 2 when the server cannot answer (the node backs off and retries), 3 when the
+server renders no EEPROM for this node (nothing to compare: the node boots on).
+
+`sftp` starts in the node's root (the template below, `{mac12}` = the certificate's node):
+relative paths, and sshfs's `host:` with no path, name that root, so a node whose EEPROM
+names no WALT_VPN_ROOT (written by WalT's client) still finds its own root.
 
 Usage (as sshd runs it):
   python3 -m server.gate --admin http://127.0.0.1:<port> --root '<node_root template>'
@@ -43,7 +50,7 @@ EEPROM_SIZE = 2 * 1024 * 1024
 KEY_ID = re.compile(r"vpn_([0-9a-f]{12})")
 DIGEST = re.compile(rb"[0-9a-f]{64}\n")
 SFTP_COMMANDS = ("internal-sftp", "sftp-server")  # a Subsystem's command, as sshd passes it
-REFUSED, UNAVAILABLE = 1, 2
+REFUSED, UNAVAILABLE, NOT_MANAGED = 1, 2, 3
 TIMEOUT = 120.0
 
 
@@ -53,6 +60,11 @@ class Refused(Exception):
 
 class Unavailable(Exception):
     """The server could not answer (exit 2: retry later)."""
+
+
+class NotManaged(Exception):
+    """The server renders no EEPROM image for this node (exit 3): it enrolled with its own
+    key, its own client (WalT's walt-vpn-auto-enroll) writes its EEPROM."""
 
 
 def node_of(environ: Mapping[str, str]) -> str:
@@ -89,6 +101,9 @@ def fetch(admin: str, mac12: str, name: str) -> bytes:
     except urllib.error.HTTPError as err:
         if err.code in (403, 404):
             raise Refused(f"node {mac12} is not enrolled or is revoked (server: {err.code})") from None
+        if err.code == 409:
+            raise NotManaged(f"node {mac12} enrolled with its own key: the server renders no "
+                             "EEPROM for it (its own client writes it)") from None
         raise Unavailable(f"the server answered {err.code} for {name}") from None
     except (urllib.error.URLError, OSError) as err:
         reason = getattr(err, "reason", err)
@@ -190,6 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     except Unavailable as err:
         sys.stderr.write(f"walt-vpn: {err}; try again later\n")
         return UNAVAILABLE
+    except NotManaged as err:
+        sys.stderr.write(f"walt-vpn: {err}\n")
+        return NOT_MANAGED
     except BrokenPipeError:
         return UNAVAILABLE
 

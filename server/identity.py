@@ -18,7 +18,7 @@ import subprocess
 import threading
 from typing import Any
 
-from fwbuild.errors import RecipeError
+from fwbuild.errors import ConfigError
 
 from .config import ServerConfig, parse_node_addresses, read_config_file
 from .errors import Forbidden, Unbound
@@ -137,7 +137,7 @@ class NodeBinder:
                     self._table = parse_node_addresses(read_config_file(
                         path, "server.node_addresses", "a file of `MAC IP` lines"), str(path))
                     log.info("node addresses reloaded from %s (%d)", path, len(self._table))
-                except RecipeError as exc:
+                except ConfigError as exc:
                     log.error("node addresses %s not reloaded, the previous table stays: %s",
                               path, exc)
             return self._table

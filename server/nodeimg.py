@@ -29,7 +29,7 @@ from fwbuild.eeprom.bootconf import render_bootconf
 from fwbuild.eeprom.synthetic import synthetic_image
 from fwbuild.fsutil import atomic_write
 
-from .artifacts import ArtifactMissing
+from .artifacts import ArtifactMissing, eeprom_image
 from .certs import VPN_USER
 from .config import ServerConfig
 
@@ -112,7 +112,7 @@ class NodeImageRenderer:
         if self._allow_synthetic:
             return synthetic_image()  # virtual Pi 5 nodes: the synthetic image is their firmware
         raise ArtifactMissing(f"no EEPROM base image for boot mode {mode!r}",
-                              str(self._config.artifacts / "eeprom" / mode / "pieeprom.bin"),
+                              str(self._config.artifacts / eeprom_image(mode)),
                               "build the recipe with this variant (`fwbuild build RECIPE`) "
                               "or fix server.artifacts")
 
@@ -173,6 +173,12 @@ class NodeImageRenderer:
                     os.unlink(old)
                 except FileNotFoundError:
                     pass
+
+    def cached_macs(self) -> set[str]:
+        """The nodes with a rendered image on disk."""
+        if not self._dir.is_dir():
+            return set()
+        return {p.name for p in self._dir.iterdir() if p.is_dir()}
 
     def forget(self, mac12: str) -> None:
         directory = self._dir / mac12

@@ -14,6 +14,9 @@ WalT has none; `vpn-mac`/`ssh-pubkey-cert` empty while the node is not enrolled,
 the bound node.
 Admin listener (loopback): the status page and `/api/...` (server.admin).
 `/healthz` is public on the node listener (counts only, no secret).
+Artifacts by content (public, immutable): `by-digest/<sha256>/boot.img|boot.sig`; and
+`entrypoint-auth`, the HTTP entrypoint's authorization sub-request for a per-node boot
+path (nginx `auth_request`; X-Real-IP believed only from `[entrypoints] http_trusted`).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import email.parser
 import email.policy
 import ipaddress
+import os
 import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
@@ -30,16 +34,19 @@ from cryptography.hazmat.primitives import serialization
 from fwbuild.errors import UsageError
 
 from . import admin
-from .artifacts import BOOT_IMG, ArtifactMissing
+from .artifacts import BOOT_IMG, ArtifactMissing, FileInfo
 from .db import NodeRow
 from .errors import Forbidden, HttpError, NotFound
 from .identity import NodeBinder, check_claim, plain_address
 from .macs import colon_mac
 from .nodeimg import http_path
 from .service import Service
-from .web import PROXY_HEADERS, Request, Response, Route
+from .web import PROXY_HEADERS, Request, Response, Route, split_path
 
 SECRET_HEADERS = {"Cache-Control": "no-store"}
+IMMUTABLE = {"Cache-Control": "public, max-age=31536000, immutable"}
+BOOT_FILES = ("boot.img", "boot.sig")
+SHA256_HEX = frozenset("0123456789abcdef")
 REVALIDATE = {"Cache-Control": "no-cache"}
 FORM_FIELDS = ("mac", "ssh-pubkey")
 GET = ("GET", "HEAD")
@@ -215,6 +222,76 @@ class NodeRoutes:
         mode = self.service.mode_of(node) if node is not None else self.config.default_boot_mode
         return Response.text(mode, headers=dict(REVALIDATE))
 
+    # -- by digest, and the HTTP entrypoint's authorization sub-request ----------------
+    def _by_digest(self, request: Request) -> FileInfo:
+        """The boot.img whose sha256 the path names; 404 when it is not the served one."""
+        digest = request.params["digest"]
+        info = self.service.artifacts.info(BOOT_IMG)
+        if len(digest) != 64 or not set(digest) <= SHA256_HEX or digest != info.sha256:
+            raise NotFound(f"no boot.img with digest {digest[:64]!r}",
+                           hint="the served boot.img changed: ask its per-node path again")
+        return info
+
+    def digest_boot_img(self, request: Request) -> Response:
+        """The boot.img by content: never changes, so caches keep it (immutable)."""
+        self._by_digest(request)
+        fd, info = self.service.artifacts.open(BOOT_IMG)
+        if info.sha256 != request.params["digest"]:
+            os.close(fd)
+            raise NotFound("boot.img changed while opening it", hint="ask again")
+        return Response(file=(fd, info), content_type="application/octet-stream",
+                        headers=dict(IMMUTABLE))
+
+    def digest_boot_sig(self, request: Request) -> Response:
+        info = self._by_digest(request)
+        return Response(body=self.service.artifacts.boot_sig(info), etag=f'"{info.sha256}.sig"',
+                        last_modified=info.mtime, headers=dict(IMMUTABLE))
+
+    def _entrypoint_client(self, request: Request) -> str | None:
+        """The node's address an HTTP entrypoint reports (X-Real-IP), trusted only when the
+        request comes from a configured entrypoint address (entrypoints.http_trusted)."""
+        if plain_address(request.client) not in self.config.http_trusted:
+            return None
+        values = request.header_all("x-real-ip")
+        if len(values) != 1:
+            return None
+        try:
+            return plain_address(values[0].strip())
+        except ValueError:
+            return None
+
+    def entrypoint_auth(self, request: Request) -> Response:
+        """nginx `auth_request`: may the per-node boot path in X-Original-URI be served?
+        200 with `X-Fwbuild-Object: <sha256>/boot.img|sig` (the entrypoint answers it from
+        its cache by digest), 403 for a revoked node, 404 unknown. A boot.img asked by the
+        bound node itself (its real address, from a trusted entrypoint) is an event."""
+        uri = request.header("x-original-uri")
+        if not uri:
+            raise UsageError("the authorization sub-request has no X-Original-URI",
+                             "X-Original-URI",
+                             "nginx: proxy_set_header X-Original-URI $request_uri")
+        segments, _ = split_path(uri)
+        if len(segments) != 4 or segments[:2] not in (("walt-vpn", "node"),
+                                                      ("walt-vpn", "per-ip")) \
+                or segments[3] not in BOOT_FILES:
+            raise NotFound("not a per-node boot path",
+                           hint="walt-vpn/node/<mac>/boot.img|sig or walt-vpn/per-ip/<ip>/...")
+        if segments[1] == "per-ip":
+            request.params["ip"] = segments[2]
+            mac = self._per_ip_mac(request)
+        else:
+            mac = segments[2]
+        node = self.service.booting_node(mac)
+        info = self.service.artifacts.info(BOOT_IMG)
+        real = self._entrypoint_client(request)
+        if (segments[3] == "boot.img" and request.method == "GET" and real is not None
+                and self.config.in_enrollment_subnets(real)
+                and self.binder.lookup(real, request.local) == node.mac):
+            self.service.record(node, "boot.img", "entrypoint", real)
+        headers = dict(REVALIDATE)  # a decision of now: never reused from a cache
+        headers["X-Fwbuild-Object"] = f"{info.sha256}/{segments[3]}"
+        return Response(headers=headers)
+
     # -- node (bound) -------------------------------------------------------------------
     def enroll(self, request: Request) -> Response:
         """WalT's client (multipart, `ssh-pubkey` only, no JSON asked): `OK\\n`; ours
@@ -319,6 +396,9 @@ def build_routes(service: Service, binder: NodeBinder) -> list[Route]:
         Route(GET, _p(per_ip + "boot.img"), "public", n.per_ip_boot_img),
         Route(GET, _p(per_ip + "boot.sig"), "public", n.per_ip_boot_sig),
         Route(GET, _p(conf + "boot-mode"), "public", n.boot_mode),
+        Route(GET, _p("/walt-vpn/by-digest/{digest}/boot.img"), "public", n.digest_boot_img),
+        Route(GET, _p("/walt-vpn/by-digest/{digest}/boot.sig"), "public", n.digest_boot_sig),
+        Route(GET, _p("/walt-vpn/entrypoint-auth"), "public", n.entrypoint_auth),
         Route(GET, ("healthz",), "public", a.healthz),
         # node: the bound node only
         Route(("POST",), _p("/walt-vpn/enroll"), "node", n.enroll),

@@ -35,9 +35,14 @@ class RunningServer:
     executor: ThreadPoolExecutor
     port: int
     admin_port: int
+    follower: threading.Thread | None = None
+    follow_stop: threading.Event | None = None
 
     def stop(self) -> None:
         """Graceful: stop accepting, finish in-flight responses, close the database."""
+        if self.follow_stop is not None and self.follower is not None:
+            self.follow_stop.set()
+            self.follower.join()
         self.listeners.stop()
         self.executor.shutdown(wait=True, cancel_futures=True)
         self.service.close()
@@ -94,7 +99,13 @@ def start_server(config: ServerConfig, service: Service | None = None) -> Runnin
     port, admin_port = listeners.ports
     log.info("serving nodes on %s:%d, admin on %s:%d, artifacts %s", config.listen, port,
              config.admin.listen, admin_port, config.artifacts)
-    return RunningServer(service, listeners, executor, port, admin_port)
+    # Changes made through other instances (shared PostgreSQL) or `fwbuild nodes`:
+    # RevokedKeys and the rendered-image cache follow them within seconds.
+    follow_stop = threading.Event()
+    follower = threading.Thread(target=service.follow_changes, args=(follow_stop,),
+                                name="fwbuild-follow", daemon=True)
+    follower.start()
+    return RunningServer(service, listeners, executor, port, admin_port, follower, follow_stop)
 
 
 def run_server(config: ServerConfig, ready: Callable[[RunningServer], None] | None = None) -> None:

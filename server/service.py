@@ -10,11 +10,12 @@ from __future__ import annotations
 import logging
 import os
 import re
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
 
-from fwbuild.errors import UsageError
+from fwbuild.errors import FwbuildError, UsageError
 from fwbuild.keys import KeyPaths, check_private_mode, load_boot_key, load_ssh_ca
 
 from . import BOOT_MODES
@@ -31,8 +32,8 @@ from .certs import (
 from .config import ServerConfig
 from .db import (
     CertRow,
-    Database,
     NodeRow,
+    changes,
     get_cert,
     get_node,
     get_node_by_label,
@@ -40,6 +41,8 @@ from .db import (
     list_nodes,
     next_counter,
     node_certs,
+    note_change,
+    open_database,
     prune_events,
     recent_events,
     revoked_public_keys,
@@ -79,7 +82,7 @@ class Service:
         check_private_mode(paths.ssh_ca)
         config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(config.state_dir, 0o700)  # node keys live here (database, EEPROM cache)
-        self.db = Database(config.database)
+        self.db = open_database(config)
         self.artifacts = ArtifactSet(config.artifacts, config.state_dir, self.boot_key)
         self.renderer = NodeImageRenderer(config, self.boot_key, self.artifacts.eeprom_base,
                                           allow_synthetic=self.artifacts.is_virtual())
@@ -276,6 +279,8 @@ class Service:
                     " eeprom_digest = NULL, eeprom_key = NULL WHERE mac = ?",
                     (serial, now, max(now, old.eeprom_ts + 1), mac12))
             self._event(conn, mac12, "enroll", "re-enrolled" if old else "enrolled", client, now)
+            if old is not None:
+                note_change(conn)  # the old certificate is revoked: every instance follows
         if old is not None:
             self.sync_revoked_keys()
         node = self.node(mac12)
@@ -296,10 +301,11 @@ class Service:
                            "again")
         now = int(time.time())
         with self.db.transaction() as conn:
-            conn.execute("UPDATE nodes SET boot_mode = ?, eeprom_ts = max(?, eeprom_ts + 1),"
-                         " eeprom_digest = NULL, eeprom_key = NULL WHERE mac = ?",
-                         (mode, now, node.mac))
+            conn.execute("UPDATE nodes SET boot_mode = ?, eeprom_ts = CASE WHEN eeprom_ts + 1 > ?"
+                         " THEN eeprom_ts + 1 ELSE ? END, eeprom_digest = NULL, eeprom_key = NULL"
+                         " WHERE mac = ?", (mode, now, now, node.mac))
             self._event(conn, node.mac, "boot-mode", mode or "default", "admin", now)
+            note_change(conn)
         node = self.node(node.mac)
         if node.state == "enrolled" and self.current_cert(node).private_key is not None:
             self.node_image(node)
@@ -327,6 +333,7 @@ class Service:
                          "WHERE node_mac = ?", (now, node.mac))
             conn.execute(node_update, (node.mac,))
             self._event(conn, node.mac, event, result, "admin", now)
+            note_change(conn)
         self.sync_revoked_keys()
         self.renderer.forget(node.mac)
         return node
@@ -347,11 +354,39 @@ class Service:
 
     def _event(self, conn: Any, mac12: str, artifact: str, result: str, client: str | None,
                now: int) -> None:
-        cursor = conn.execute("INSERT INTO events(node_mac, artifact, time, result, client) "
-                              "VALUES (?, ?, ?, ?, ?)", (mac12, artifact, now, result, client))
-        if cursor.lastrowid is not None and cursor.lastrowid % PRUNE_EVERY == 0:
+        row = conn.execute("INSERT INTO events(node_mac, artifact, time, result, client) "
+                           "VALUES (?, ?, ?, ?, ?) RETURNING id",
+                           (mac12, artifact, now, result, client)).fetchone()
+        if int(row[0]) % PRUNE_EVERY == 0:
             prune_events(conn, now - self.config.events_max_age_days * 86400,
                          self.config.events_max_count)
+
+    def follow_changes(self, stop: threading.Event, interval: float = 1.0) -> None:
+        """Until `stop`: apply what other instances (or `fwbuild nodes`) changed in the
+        shared state: rewrite RevokedKeys, drop the rendered images of nodes no longer
+        enrolled. Woken by NOTIFY (PostgreSQL), else every `interval` seconds."""
+        with self.db.connection() as conn:
+            seen = changes(conn)
+        while not stop.is_set():
+            try:
+                self.db.wait_change(interval, stop)
+                with self.db.connection() as conn:
+                    now = changes(conn)
+                    if now == seen:
+                        continue
+                    gone = {n.mac for n in list_nodes(conn) if n.state != "enrolled"}
+                seen = now
+                self.sync_revoked_keys()
+                cached = self.renderer.cached_macs()
+                for mac12 in cached & gone:
+                    self.renderer.forget(mac12)
+                log.info("followed a state change (change %d)", now)
+            except FwbuildError as exc:
+                log.warning("following state changes: %s (retrying)", exc)
+                stop.wait(interval)
+            except Exception:
+                log.exception("following state changes failed (retrying)")
+                stop.wait(interval)
 
     def sync_revoked_keys(self) -> None:
         """Rewrite RevokedKeys from the database (under an flock, so the newest list wins)."""

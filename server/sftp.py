@@ -6,9 +6,12 @@ REALPATH, READLINK. Every write (WRITE, SETSTAT, REMOVE, MKDIR, RENAME, SYMLINK,
 asking for write/create/truncate...) answers PERMISSION_DENIED; other extensions answer
 OP_UNSUPPORTED.
 
-Paths are the server's own paths (the node asks for its `WALT_VPN_ROOT`); relative paths
-start at the root. A path is resolved like the kernel would (`..`, symlinks, also inside
-the root's tree) and served only when the result lies inside the node's area:
+Paths are the server's own paths (the node asks for its `WALT_VPN_ROOT`); relative paths,
+and the start directory (`.`, what sshfs `host:` mounts), start at the node's root: the root
+directory, or an image root's directory listing only that image (a node whose EEPROM names
+no WALT_VPN_ROOT finds its root there). A path is resolved like the kernel would (`..`,
+symlinks, also inside the root's tree) and served only when the result lies inside the
+node's area:
 - a directory root: the directory and everything under it;
 - an image root (a file): that file, and its parent directory listing only that file.
 Opened files and directories are checked again through /proc/self/fd, so a path that

@@ -20,7 +20,7 @@ from fwbuild import __version__
 from fwbuild.eeprom.pubkey import encode_pubkey_bin, pubkey_bin_digest
 
 from . import BOOT_MODES
-from .artifacts import ArtifactMissing
+from .artifacts import MANIFEST, ArtifactMissing
 from .db import EventRow, NodeRow, recent_events
 from .macs import colon_mac
 from .service import Service
@@ -119,7 +119,7 @@ def _manifest_info(service: Service) -> tuple[dict[str, Any], list[str]]:
                             "source_date_epoch_text": "", "fwbuild_version": "",
                             "server_version": __version__, "steps": []}
     if manifest is None:
-        problems.append(f"{artifacts.directory / 'manifest.json'}: missing or not JSON "
+        problems.append(f"{artifacts.directory / MANIFEST}: missing or not JSON "
                         "(not a build output?)")
         return info, problems
     recipe = manifest.get("recipe")

@@ -24,6 +24,7 @@ from typing import Any
 from fwbuild.eeprom.bootconf import parse_bootconf
 from fwbuild.eeprom.image import parse_image
 from fwbuild.errors import FwbuildError
+from fwbuild.layout import RECOVERY_KIT
 from fwbuild.virtual.bootloader import running_image
 from fwbuild.virtual.node import NodeResult
 
@@ -100,7 +101,7 @@ def power_until_root(site: VirtualSite, node: VirtualNode, life: Life, *, max_po
 def insert_recovery_card(artifacts: Path, card: Path) -> Path:
     """The admin writes rpi-5-sd-recovery.tar.gz to an SD card (a directory here)."""
     card.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(artifacts / "recovery" / "rpi-5-sd-recovery.tar.gz") as tar:
+    with tarfile.open(RECOVERY_KIT.path(artifacts)) as tar:
         for member in tar.getmembers():
             extracted = tar.extractfile(member)
             if member.isfile() and extracted is not None and "/" not in member.name:

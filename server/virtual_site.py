@@ -35,13 +35,14 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
+from fwbuild.cache import Cache
 from fwbuild.eeprom.bootconf import parse_bootconf
 from fwbuild.eeprom.image import parse_image
 from fwbuild.eeprom.synthetic import synthetic_image
 from fwbuild.errors import FwbuildError, ToolError
 from fwbuild.fsutil import atomic_write
 from fwbuild.keys import KeyPaths
-from fwbuild.sources import Cache
+from fwbuild.layout import EEPROM_IMAGE
 from fwbuild.virtual import relay as relay_module
 from fwbuild.virtual.node import NodeOptions, NodeResult, boot_node
 from fwbuild.virtual.rootfs import MARKER, build_root_image, build_tiny_root
@@ -85,6 +86,9 @@ class SiteOptions:
     default_mode: str = "enforced"
     cache: Cache | None = None
     http_entrypoint_port: int | None = None  # nodes' HTTP_PORT: a proxy in front (default: the server)
+    # The HTTP entrypoint as nodes see it, a walt-net (host, port) the bootloader reaches the
+    # server through (WalT's client writes `http-entrypoint` as HTTP_HOST, port 80 implied).
+    http_entrypoint: tuple[str, int] | None = None
     root_image: bool = True   # export the root as an ext4 image (loop over sshfs: a second read
                               # never crosses the network) rather than as a directory
     ssh_port: int = 22        # the SSH entrypoint's port as nodes see it (10.0.2.100:PORT)
@@ -171,11 +175,17 @@ class VirtualSite:
                 "revoked_keys_file": str(self.sshd.revoked),
                 "node_addresses": self.addresses_path.name,
             },
-            "entrypoints": {"http": f"127.0.0.1:{self.options.http_entrypoint_port or self.port}",
+            "entrypoints": {"http": self._http_entrypoint(),
                             "ssh": f"{GUEST_ENTRYPOINT}:{self.options.ssh_port}",
                             "ssh_host_keys": [self.sshd.host_public_key.strip()]},
             "admin": {"listen": "127.0.0.1", "port": self.admin_port},
         })
+
+    def _http_entrypoint(self) -> str:
+        if self.options.http_entrypoint is not None:
+            host, port = self.options.http_entrypoint
+            return f"{host}:{port}"
+        return f"127.0.0.1:{self.options.http_entrypoint_port or self.port}"
 
     def _start_server(self) -> None:
         atomic_write(self.config_path, self._server_toml().encode())
@@ -252,10 +262,13 @@ class VirtualSite:
         name = name or f"{node.mac12}-{len(node.power_ons) + 1}"
         # The bootloader reaches the server itself; `walt_net_target` redirects the guest only.
         walt_target = ("127.0.0.1", self.port)
+        walt_net = {self.walt_net: walt_target}
+        if self.options.http_entrypoint is not None:
+            walt_net[self.options.http_entrypoint] = walt_target
         options = NodeOptions(eeprom=node.flash, workdir=self.options.work / "runs" / name, sd=sd,
                               timeout=timeout, marker=marker, max_restarts=max_restarts,
                               guestfwd=self.guestfwd(node), extra_cmdline=extra_cmdline, mac=node.mac,
-                              walt_net={self.walt_net: walt_target}, source_address=node.address,
+                              walt_net=walt_net, source_address=node.address,
                               power_cut=power_cut)
         result = boot_node(options, log=self.log)
         node.power_ons.append(result)
@@ -328,7 +341,7 @@ class VirtualSite:
 def _walt_net_address(artifacts: Path) -> tuple[str, int]:
     """The server's walt-net (host, port): the recovery EEPROM's HTTP_HOST and HTTP_PORT."""
     try:
-        image = parse_image((artifacts / "eeprom" / "recovery" / "pieeprom.bin").read_bytes())
+        image = parse_image(EEPROM_IMAGE("recovery").path(artifacts).read_bytes())
         conf = parse_bootconf(image.read_file("bootconf.txt").decode("ascii", "replace"))
     except (OSError, FwbuildError):
         return DEFAULT_WALT_NET

@@ -36,7 +36,7 @@ from fwbuild.keys import KeyPaths, SshCaKey, parse_ssh_ca, ssh_ca_public_line
 
 from .certs import VPN_USER, public_line
 from .config import ServerConfig
-from .db import CertRow, Database, get_node, insert_cert, next_counter
+from .db import CertRow, get_node, insert_cert, next_counter, open_database
 from .macs import VPN_MAC_PREFIX, colon_mac, normalise_mac
 
 CSV_COLUMNS = ("mac", "vpnmac", "pubkeycert", "revoked")
@@ -194,7 +194,7 @@ def import_walt_site(config: ServerConfig, ca_file: Path, boot_key_file: Path,
     now = int(time.time()) if now is None else now
     # Nodes first (a conflict there must not leave the keys half replaced).
     config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    database = Database(config.database)
+    database = open_database(config)
     try:
         with database.transaction() as conn:
             for node in nodes:
@@ -202,8 +202,8 @@ def import_walt_site(config: ServerConfig, ca_file: Path, boot_key_file: Path,
             # New enrollments must not reuse an imported VPN MAC.
             top = max((int(n.vpn_mac.replace(":", ""), 16) & 0xFFFFFF for n in nodes), default=0)
             conn.execute("INSERT INTO counters(name, value) VALUES ('vpn_mac', ?) "
-                         "ON CONFLICT(name) DO UPDATE SET value = max(value, excluded.value)",
-                         (top,))
+                         "ON CONFLICT(name) DO UPDATE SET value = CASE WHEN excluded.value > "
+                         "counters.value THEN excluded.value ELSE counters.value END", (top,))
             _install_keys(KeyPaths(config.keys_dir), ca, ca_data, boot, force, report)
     finally:
         database.close()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fwbuild.sources import Cache
+from fwbuild.cache import Cache
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -107,24 +107,24 @@ def _fix_summaries(command: click.Command) -> None:
 
 
 def _register() -> None:
+    import server.cli  # the CLI registration point: the only import of `server` under fwbuild/
+
     from . import (
         cmd_bootimg,
         cmd_completion,
         cmd_eeprom,
         cmd_initramfs,
-        cmd_nodes,
         cmd_recovery,
         cmd_rootfs,
-        cmd_server,
         cmd_virtual,
-        cmd_walt,
         commands_core,
     )
 
-    for module in (commands_core, cmd_eeprom, cmd_initramfs, cmd_bootimg, cmd_recovery, cmd_server,
-                   cmd_nodes, cmd_virtual, cmd_rootfs, cmd_walt, cmd_completion):
+    for module in (commands_core, cmd_eeprom, cmd_initramfs, cmd_bootimg, cmd_recovery,
+                   cmd_virtual, cmd_rootfs, cmd_completion):
         for command in module.COMMANDS:
             main.add_command(command)
+    server.cli.register(main)
     _fix_summaries(main)
 
 

@@ -186,8 +186,6 @@ class Display:
         self._tasks: dict[str, _Task] = {}
         self._live: Any = None
         self._overall: Any = None
-        self._step_number = 0
-        self._step_count = 0
 
     # core callbacks
     def task_unit(self, label: str, unit: str) -> None:
@@ -212,7 +210,6 @@ class Display:
     def step(self, name: str, state: str, number: int, count: int, elapsed: float) -> None:
         if self.mode == "off":
             return
-        self._step_number, self._step_count = number, count
         prefix = f"[{number}/{count}] {name}"
         if state == "started":
             if self.mode == "plain" and self.verbose:

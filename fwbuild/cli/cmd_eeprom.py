@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from ..errors import FwbuildError, UsageError
+from ..errors import FwbuildError
 from ..fsutil import atomic_write, mode_for
 from ._common import emit_json, existing_file, format_epoch, json_option
 
@@ -120,49 +120,21 @@ def edit_cmd(image: str, out: str, config: str | None, digest: str | None, pubke
              sign_key: str | None, cacert: str | None, timestamp: int | None, strict: bool,
              no_validate: bool) -> None:
     """Write a new image, like `rpi-eeprom-config IMAGE --config F [--digest SIG] [--pubkey PEM] --out OUT`."""
-    from ..eeprom.assemble import check_external_digest
-    from ..eeprom.bootconf import check_bootconf
-    from ..eeprom.image import parse_image, replace_files
-    from ..eeprom.pubkey import encode_pubkey_bin
+    from ..eeprom.edit import EditRequest, NamedBytes, check_options, edit_image
     from ..keys import load_boot_key, load_public_key
-    from ..sign import build_sig, source_date_epoch
 
-    if strict and no_validate:
-        raise UsageError("--strict and --no-validate contradict each other", "--strict")
-    parsed = parse_image(_read(image))
-    updates: dict[str, bytes] = {}
-    config_bytes = _read(config) if config is not None else parsed.read_file("bootconf.txt")
-    if config is not None:
-        if not no_validate:
-            try:
-                text = config_bytes.decode("ascii")
-            except UnicodeDecodeError:
-                raise UsageError("the config is not ASCII text", config) from None
-            _warn(check_bootconf(text, Path(config).name, strict=strict).warnings)
-        updates["bootconf.txt"] = config_bytes
-    if pubkey is not None:
-        updates["pubkey.bin"] = encode_pubkey_bin(load_public_key(Path(pubkey)))
-    if sign_key is not None:
-        if pubkey is not None or digest is not None:
-            option = "--pubkey" if pubkey is not None else "--digest"
-            raise UsageError(f"{option} and --sign-key both set the signature files", option,
-                             "--sign-key already writes bootconf.sig and the public half of the key")
-        key = load_boot_key(Path(sign_key))
-        ts = timestamp if timestamp is not None else source_date_epoch()
-        updates["bootconf.sig"] = build_sig(config_bytes, ts, key=key)
-        updates["pubkey.bin"] = encode_pubkey_bin(key.public_key())
-    if digest is not None:
-        updates["bootconf.sig"] = check_external_digest(parsed, _read(digest), config_bytes,
-                                                        updates.get("pubkey.bin"), digest)
-    if cacert is not None:
-        updates["cacert.der"] = _read(cacert)
-    if config is not None and sign_key is None and digest is None and parsed.has_file("bootconf.sig") \
-            and parsed.read_file("bootconf.sig").strip(b"\x00\xff"):
-        raise UsageError("the image's bootconf.sig signs its current config; the new config would "
-                         "be left with a stale signature", image,
-                         "re-sign with --sign-key PEM (the site's boot-signing key) or give --digest SIG")
-    edited = replace_files(parsed.data, updates, timestamp=timestamp, image=parsed)
-    atomic_write(out, edited, mode_for(edited))
+    check_options(strict=strict, validate=not no_validate, pubkey=pubkey is not None,
+                  sign_key=sign_key is not None, digest=digest is not None)
+    request = EditRequest(
+        config=NamedBytes(config, _read(config)) if config is not None else None,
+        digest=NamedBytes(digest, _read(digest)) if digest is not None else None,
+        pubkey=load_public_key(Path(pubkey)) if pubkey is not None else None,
+        sign_key=load_boot_key(Path(sign_key)) if sign_key is not None else None,
+        cacert=_read(cacert) if cacert is not None else None,
+        timestamp=timestamp, strict=strict, validate=not no_validate)
+    result = edit_image(_read(image), image, request)
+    _warn(result.warnings)
+    atomic_write(out, result.data, mode_for(result.data))
 
 
 @eeprom.command("verify")

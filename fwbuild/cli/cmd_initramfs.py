@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import stat
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import click
 
 from ..errors import UsageError
+from ..initramfs.options import apply_options, option_settings
+from ..layout import INITRAMFS, PARTS_SUFFIX, parts_dir, refuse_published
 from ..sign import source_date_epoch
 from ._common import existing_file, progress_display, writing
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 @click.group("initramfs")
@@ -18,26 +24,30 @@ def initramfs_group() -> None:
     """Build and inspect arm64 initramfs archives (cpio newc, zstd/xz/gzip)."""
 
 
+def _field_options(func: F) -> F:
+    """One click option per [initramfs] field that has one (the recipe's field table)."""
+    for row in reversed(option_settings()):
+        assert row.option is not None
+        func = click.option(row.option.flag, row.name, multiple=row.repeatable,
+                            metavar=row.option.metavar,
+                            type=click.Choice(row.choices) if row.choices else None,
+                            help=row.option.help)(func)
+    return func
+
+
 @initramfs_group.command("build")
 @click.argument("recipe", required=False, type=existing_file())
-@click.option("--package", "packages", multiple=True, help="Debian arm64 package (repeatable).")
-@click.option("--binary", "binaries", multiple=True,
-              help="Path from the packages to include with its ELF closure (repeatable).")
-@click.option("--module", "modules", multiple=True, help="Kernel module name (repeatable).")
-@click.option("--kernel-package", help="linux-image-* package the modules come from.")
-@click.option("--file", "files", multiple=True, metavar="DEST=HOSTPATH", help="Extra file (repeatable).")
-@click.option("--init", help="Init template: builtin:NAME or a path to a jinja2 template.")
-@click.option("--compression", type=click.Choice(("zstd", "xz", "gzip", "none")), help="Default: zstd.")
+@_field_options
 @click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path),
-              help="Output file (default with a recipe: out/<recipe>/initramfs/initramfs_2712).")
-def build_cmd(recipe: str | None, packages: tuple[str, ...], binaries: tuple[str, ...],
-              modules: tuple[str, ...], kernel_package: str | None, files: tuple[str, ...],
-              init: str | None, compression: str | None, out: Path | None) -> None:
+              help=f"Output file (default with a recipe: out/<recipe>{PARTS_SUFFIX}/{INITRAMFS.rel}; "
+                   "a published set out/<recipe> is changed only by `fwbuild build`).")
+def build_cmd(recipe: str | None, out: Path | None, **options: Any) -> None:
     """Build an initramfs from RECIPE's [initramfs] section and/or the options.
 
     Options add to the recipe's lists (or replace its scalar values). The
     provenance of every path goes to OUT.provenance.json (read by `why`).
     """
+    from ..cache import Cache
     from ..initramfs.builder import (
         InitramfsSpec,
         build_initramfs,
@@ -45,36 +55,19 @@ def build_cmd(recipe: str | None, packages: tuple[str, ...], binaries: tuple[str
         write_initramfs,
     )
     from ..recipe import load_recipe
-    from ..sources import Cache
 
     epoch = source_date_epoch()
     if recipe is not None:
         loaded = load_recipe(Path(recipe))
-        epoch = source_date_epoch(loaded.recipe.source_date_epoch)  # as `fwbuild build` does
+        epoch = source_date_epoch(loaded.info.source_date_epoch)  # as `fwbuild build` does
         spec = spec_from_recipe(loaded, epoch=epoch)
-        out = out or Path("out") / loaded.name / "initramfs" / "initramfs_2712"
+        out = out or INITRAMFS.path(parts_dir(Path("out"), loaded.name))  # never into out/<recipe>
     else:
         if out is None:
             raise UsageError("--out is required without a recipe")
         spec = InitramfsSpec(epoch=epoch)
-    extra: dict[str, str] = {}
-    for item in files:
-        dest, sep, host = item.partition("=")
-        if not sep or not dest or not host:
-            raise UsageError(f"bad --file {item!r}", hint="use --file /etc/motd=./motd")
-        extra[dest] = host
-    from dataclasses import replace
-
-    spec = replace(
-        spec,
-        packages=tuple(dict.fromkeys((*spec.packages, *packages))),
-        paths=tuple(dict.fromkeys((*spec.paths, *binaries))),
-        modules=tuple(dict.fromkeys((*spec.modules, *modules))),
-        kernel_package=kernel_package or spec.kernel_package,
-        files={**spec.files, **extra},
-        init=init or spec.init,
-        compression=compression or spec.compression,
-    )
+    refuse_published(out)  # before the build: a published set is changed only by `fwbuild build`
+    spec = apply_options(spec, options)
     started = time.monotonic()
     with progress_display("initramfs") as display:
         result = build_initramfs(spec, Cache.default(), progress=display)

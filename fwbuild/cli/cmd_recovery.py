@@ -8,16 +8,11 @@ from pathlib import Path
 import click
 
 from ..errors import UsageError
-from ..fsutil import atomic_write, mode_for
-from ..recovery.archive import (
-    fake_recovery_bin,
-    kit_files,
-    pack_tar_gz,
-    read_recovery_archive,
-)
+from ..fsutil import atomic_write
+from ..recovery.archive import pack_tar_gz
 from ..recovery.device import SysfsProbe, describe_target, write_kit
 from ..recovery.diskimage import recovery_disk_image
-from ..sign import source_date_epoch
+from ..recovery.kit import Kit, make_kit
 from ._common import (
     emit_json,
     existing_file,
@@ -46,27 +41,18 @@ _epoch_option = click.option(
 
 
 def _kit(from_archive: str | None, eeprom: str | None, recovery_bin: str | None, virtual: bool,
-         epoch: int | None) -> tuple[dict[str, bytes], int]:
-    """The kit's files and epoch, from an archive or from --eeprom + --recovery-bin/--virtual."""
-    if from_archive:
-        if eeprom or recovery_bin or virtual:
-            raise UsageError("--from excludes --eeprom, --recovery-bin and --virtual")
-        kit = read_recovery_archive(Path(from_archive).read_bytes(), from_archive)
-        return kit.files, kit.epoch
-    if not eeprom:
-        raise UsageError("give --eeprom IMAGE (or --from ARCHIVE)")
-    if bool(recovery_bin) == virtual:
-        raise UsageError("give exactly one of --recovery-bin FILE and --virtual",
-                         hint="the real recovery.bin comes from rpi-eeprom's firmware-2712/")
-    rbin = Path(recovery_bin).read_bytes() if recovery_bin else fake_recovery_bin()
-    if virtual:
+         epoch: int | None) -> Kit:
+    def path(text: str | None) -> Path | None:
+        return Path(text) if text else None
+
+    kit = make_kit(path(from_archive), path(eeprom), path(recovery_bin), virtual, epoch)
+    if kit.fake:
         note("note: using a FAKE recovery.bin (--virtual): not for real boards")
-    ts = epoch if epoch is not None else source_date_epoch()
-    return kit_files(rbin, Path(eeprom).read_bytes(), ts), ts
+    return kit
 
 
-def _warn_if_secret(files: dict[str, bytes], out: Path) -> None:
-    if mode_for(files["pieeprom.bin"]) == 0o600:
+def _warn_if_secret(kit: Kit, out: Path) -> None:
+    if kit.private:
         note(f"note: this EEPROM image carries node credentials (WALT_VPN_CREDS): {out} is "
              "private (0600) and this kit does not wipe them from the board")
 
@@ -97,16 +83,16 @@ def recovery_group() -> None:
 def recovery_archive_cmd(eeprom: str | None, recovery_bin: str | None, virtual: bool,
                          epoch: int | None, out: Path, as_json: bool) -> None:
     """Pack --eeprom IMAGE (any 2 MiB image, e.g. a node's) into a recovery .tar.gz."""
-    files, ts = _kit(None, eeprom, recovery_bin, virtual, epoch)
+    kit = _kit(None, eeprom, recovery_bin, virtual, epoch)
+    files, ts = kit.files, kit.epoch
     data = pack_tar_gz(files, ts)
     try:
-        atomic_write(out, data, mode_for(files["pieeprom.bin"]))
+        atomic_write(out, data, kit.mode)
     except OSError as exc:
         raise write_failure(exc, "--out", out) from None
-    _warn_if_secret(files, out)
+    _warn_if_secret(kit, out)
     if as_json:
-        emit_json(_result("archive", out, len(data), _digests(files), ts,
-                          private=mode_for(files["pieeprom.bin"]) == 0o600))
+        emit_json(_result("archive", out, len(data), _digests(files), ts, private=kit.private))
         return
     click.echo(f"wrote {out} ({len(data)} bytes): {', '.join(sorted(files))}; "
                f"timestamps {format_epoch(ts)}")
@@ -130,18 +116,18 @@ def recovery_image_cmd(out: Path, from_archive: str | None, eeprom: str | None,
     if is_disk:
         raise UsageError("`recovery image` writes image files; this is a disk", str(out),
                          "use `fwbuild recovery write` to write a card (it shows what will be erased)")
-    files, ts = _kit(from_archive, eeprom, recovery_bin, virtual, epoch)
-    image = recovery_disk_image(files, ts)
+    kit = _kit(from_archive, eeprom, recovery_bin, virtual, epoch)
+    image = recovery_disk_image(kit.files, kit.epoch)
     try:
         report = write_kit(out, image)
     except OSError as exc:
         raise write_failure(exc, "OUT", out) from None
-    if mode_for(files["pieeprom.bin"]) == 0o600 and out.is_file():
-        out.chmod(0o600)
-    _warn_if_secret(files, out)
+    if kit.private and out.is_file():
+        out.chmod(kit.mode)
+    _warn_if_secret(kit, out)
     if as_json:
-        emit_json(_result("image", out, report.bytes_written, report.files, ts,
-                          private=mode_for(files["pieeprom.bin"]) == 0o600))
+        emit_json(_result("image", out, report.bytes_written, report.files, kit.epoch,
+                          private=kit.private))
         return
     click.echo(f"wrote {out} ({report.bytes_written} bytes; sparse): "
                f"{', '.join(sorted(report.files))}")
@@ -172,7 +158,8 @@ def recovery_write_cmd(device: Path, from_archive: str | None, eeprom: str | Non
     if as_json and not yes:
         raise UsageError("--json needs --yes (a prompt cannot be answered in JSON)", "--json",
                          "check the target first without --json, then run again with --yes --json")
-    files, ts = _kit(from_archive, eeprom, recovery_bin, virtual, epoch)
+    kit = _kit(from_archive, eeprom, recovery_bin, virtual, epoch)
+    files, ts = kit.files, kit.epoch
     probe = SysfsProbe(system_root)
     try:
         info = describe_target(device, probe, allow_non_removable=allow_non_removable)

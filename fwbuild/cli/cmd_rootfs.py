@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from ..errors import BuildError
+from ..layout import refuse_published
 from ..sign import source_date_epoch
 from ._common import emit_json, json_option, progress_display, writing
 
@@ -36,8 +37,8 @@ def build_cmd(out: Path | None, packages: tuple[str, ...], hostname: str, offlin
     timestamps come from SOURCE_DATE_EPOCH (default 0), so a rebuild is byte-identical.
     Needs root (files keep their owners).
     """
+    from ..cache import Cache
     from ..rootfs.debian import DEFAULT_PACKAGES, DebianRootSpec, build_debian_root
-    from ..sources import Cache
 
     spec = DebianRootSpec(packages=tuple(dict.fromkeys((*DEFAULT_PACKAGES, *packages))),
                           hostname=hostname, epoch=source_date_epoch(0))
@@ -81,9 +82,9 @@ def prefetch_cmd(image: Path, initrd: Path, kernel_package: str, marker: str | N
     the image (publishing a set for another image removes it). Needs root and
     qemu-system-aarch64.
     """
+    from ..cache import Cache
     from ..initramfs.builder import stage_kernel
     from ..rootfs.debian import MARKER, ROOT_INIT_LINE
-    from ..sources import Cache
     from ..virtual.refboot import record_working_set
     from ..virtual.workingset import BLOCK, publish_working_set
 
@@ -111,6 +112,7 @@ def prefetch_cmd(image: Path, initrd: Path, kernel_package: str, marker: str | N
 
 def _publish(image: Path, out: Path) -> None:
     """`out` becomes the image (a hard link where it can), replaced in one step."""
+    refuse_published(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.unlink(missing_ok=True)

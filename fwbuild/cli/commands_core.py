@@ -11,6 +11,7 @@ import click
 from .. import keys as keys_mod
 from .. import sign
 from ..fsutil import atomic_write
+from ..layout import MANIFEST
 from ._common import (
     emit_json,
     existing_file,
@@ -160,7 +161,7 @@ def build_cmd(recipe: Path, overrides: tuple[str, ...], out_root: Path, keys_dir
     manifest = result.manifest
     if as_json:
         emit_json({"recipe": parsed.name, "out_dir": str(result.out_dir),
-                   "manifest": str(result.out_dir / "manifest.json"), "steps": list(result.steps),
+                   "manifest": str(result.out_dir / MANIFEST), "steps": list(result.steps),
                    "cached_steps": list(result.cached_steps), "keys_dir": str(keys_dir),
                    "source_date_epoch": manifest["source_date_epoch"],
                    "artifacts": manifest["artifacts"]})
@@ -190,10 +191,10 @@ def build_cmd(recipe: Path, overrides: tuple[str, ...], out_root: Path, keys_dir
 def fetch_cmd(recipe: Path | None, overrides: tuple[str, ...], import_dir: Path | None, offline: bool,
               refresh_apt: bool, only: tuple[str, ...], as_json: bool) -> None:
     """Download (or import) RECIPE's pinned sources into the cache."""
-    from ..build import select_steps
+    from ..cache import Cache
+    from ..pipeline import select_steps
     from ..recipe import load_recipe
     from ..sources import (
-        Cache,
         MissingSourcesError,
         describe_source,
         fetch_all,

@@ -10,7 +10,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from ..errors import ConfigError, FormatError, SignatureError
+from ..errors import BootconfError, FormatError, SignatureError
 from ..sign import build_sig, parse_sig, verify_sig
 from .bootconf import BootconfWarning, check_bootconf, validate_bootconf
 from .image import (
@@ -36,7 +36,7 @@ def _config_bytes(bootconf: str) -> bytes:
     try:
         return bootconf.encode("ascii")
     except UnicodeEncodeError as exc:
-        raise ConfigError("bootconf.txt is not ASCII", f"bootconf.txt byte {exc.start}") from None
+        raise BootconfError("bootconf.txt is not ASCII", f"bootconf.txt byte {exc.start}") from None
 
 
 def _check_cacert_hash(settings: dict[str, str], cacert: bytes | None) -> None:
@@ -44,7 +44,7 @@ def _check_cacert_hash(settings: dict[str, str], cacert: bytes | None) -> None:
     if expected is None:
         return
     if cacert is None or hashlib.sha256(cacert).hexdigest() != expected:
-        raise ConfigError("HTTP_CACERT_HASH does not match the SHA-256 of cacert.der", "HTTP_CACERT_HASH",
+        raise BootconfError("HTTP_CACERT_HASH does not match the SHA-256 of cacert.der", "HTTP_CACERT_HASH",
                           "store the CA certificate with --cacert (DER) and set its SHA-256")
 
 
@@ -135,7 +135,7 @@ def verify_eeprom(image: bytes, key: rsa.RSAPublicKey | None = None, *, strict: 
     """Check structure, config and bootconf.sig (against pubkey.bin, and `key` when given).
     Unknown config keys are warnings in the report (errors when `strict`).
 
-    Raises FormatError / ConfigError / SignatureError with the reason.
+    Raises FormatError / BootconfError / SignatureError with the reason.
     """
     parsed = parse_image(image)
     config = parsed.read_file("bootconf.txt")

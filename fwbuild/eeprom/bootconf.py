@@ -19,7 +19,7 @@ from typing import Any
 
 import jinja2
 
-from ..errors import ConfigError
+from ..errors import BootconfError
 from .image import MAX_FILE_CONTENT
 
 VARIANTS = ("recovery", "permissive", "enforced")
@@ -41,11 +41,11 @@ _BASE64 = re.compile(r"[A-Za-z0-9+/]+={0,2}")
 _NOT_PRINTABLE = re.compile(r"[^\x20-\x7e\n]")
 
 
-def _fail(what: str, where: str, hint: str | None = None) -> ConfigError:
-    return ConfigError(what, where, hint)
+def _fail(what: str, where: str, hint: str | None = None) -> BootconfError:
+    return BootconfError(what, where, hint)
 
 
-# ---- value checks: each returns None or raises ConfigError(where) ----
+# ---- value checks: each returns None or raises BootconfError(where) ----
 
 def _check_boot_order(value: str, where: str) -> None:
     if not re.fullmatch(r"0x[0-9a-fA-F]{1,8}", value):
@@ -269,7 +269,7 @@ class BootconfCheck:
     warnings: tuple[BootconfWarning, ...] = ()
 
 
-def _size_error(text: str, size: int, where: str) -> ConfigError:
+def _size_error(text: str, size: int, where: str) -> BootconfError:
     sizes: dict[str, int] = {}
     for line in text.splitlines(keepends=True):
         key, sep, _ = line.partition("=")
@@ -366,12 +366,12 @@ def check_bootconf(text: str, where: str = "bootconf.txt", *, strict: bool = Fal
         raise _size_error(text, size, where)
     if strict and warnings:
         first = warnings[0]
-        raise ConfigError(f"{first.what} (refused in strict mode)", first.where, first.hint)
+        raise BootconfError(f"{first.what} (refused in strict mode)", first.where, first.hint)
     return BootconfCheck(settings, tuple(warnings))
 
 
 def validate_bootconf(text: str, where: str = "bootconf.txt", *, strict: bool = False) -> dict[str, str]:
-    """`check_bootconf`'s settings (warnings dropped unless `strict`). Raises ConfigError."""
+    """`check_bootconf`'s settings (warnings dropped unless `strict`). Raises BootconfError."""
     return check_bootconf(text, where, strict=strict).settings
 
 

@@ -22,7 +22,7 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from ..errors import ConfigError, FormatError, UsageError
+from ..errors import BootconfError, FormatError, UsageError
 
 IMAGE_SIZE = 2 * 1024 * 1024  # 2712 (Raspberry Pi 5)
 IMAGE_SIZE_2711 = 512 * 1024  # 2711 (Raspberry Pi 4)
@@ -267,7 +267,7 @@ def _check_fits(slot: FileSlot, content: bytes) -> None:
                          f"modifiable files: {', '.join(MODIFIABLE_FILES)}")
     if len(content) > slot.capacity or section.offset + FILE_HDR_SIZE + len(content) > slot.limit:
         over = len(content) - slot.capacity
-        raise ConfigError(
+        raise BootconfError(
             f"`{section.name}` content is {len(content)} bytes, {over} over its "
             f"{slot.capacity}-byte slot", section.name,
             "the limit comes from the image's section table (next section minus the 24-byte header)")
@@ -331,7 +331,7 @@ def replace_file(data: bytes, name: str, content: bytes) -> bytes:
 
 def encode_timestamp(ts: int) -> bytes:
     if not 0 <= ts < TIMESTAMP_UNSET:
-        raise ConfigError(f"update timestamp {ts} is not a 32-bit unix time", "timestamp",
+        raise BootconfError(f"update timestamp {ts} is not a 32-bit unix time", "timestamp",
                           "use unix seconds between 0 and 4294967294")
     return struct.pack(TIMESTAMP_FMT, ts ^ 0xFFFFFFFF, ts)
 

@@ -41,7 +41,6 @@ DEFAULT_BOOTCONF_2711 = b"[all]\nBOOT_UART=0\nWAKE_ON_GPIO=1\nPOWER_OFF_ON_HALT=
 DEFAULT_BOOTCONF = b"[all]\nBOOT_UART=1\nBOOT_ORDER=0xf461\nNET_INSTALL_AT_POWER_ON=1\n"
 assert len(DEFAULT_BOOTCONF) == 62
 
-LAYOUTS = ("ab", "non-ab")
 BOOTCODE_LEN = 25984  # measured bootcode length
 AB_UPDATETIME_RO = 26528  # updatetime in the read-only region
 AB_UPDATETIME_A = 663352  # updatetime in partition A
@@ -157,9 +156,6 @@ def _image_2711() -> bytes:
         w.pad_to((w.pos + SECTOR - 1) // SECTOR * SECTOR)
         w.named(FILE_MAGIC, name, content)
     return bytes(w.buf)
-
-
-SOCS = ("2712", "2711")
 
 
 def synthetic_image(layout: str = "ab", soc: str = "2712") -> bytes:

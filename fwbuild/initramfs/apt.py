@@ -26,11 +26,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from urllib.parse import unquote
 
+from ..cache import Cache
 from ..errors import SourceError, ToolError
 from ..fsutil import atomic_write
 from ..progress import Progress, report, report_bytes
 from ..recipe import AptRepository
-from ..sources import Cache, fetch_url
+from ..sources import fetch_url
 from .deb import parse_control
 
 ARCH = "arm64"
@@ -97,7 +98,7 @@ class AptSession:
         digest = hashlib.sha256()
         for name, text in sources:
             digest.update(f"{name}\0{text}\0".encode())
-        self.root = cache.root / "apt" / digest.hexdigest()[:16]
+        self.root = cache.apt_dir(digest.hexdigest())
 
     def _prepare(self) -> None:
         for sub in ("lists/partial", "cache/archives/partial", "etc/sources.list.d",
@@ -195,7 +196,7 @@ class AptSession:
             return []
         self.update()
         key = hashlib.sha256("\0".join([*packages, self._lists_digest()]).encode()).hexdigest()
-        memo = self.root / "resolved" / f"{key[:32]}.json"
+        memo = self.cache.resolved_memo(self.root, key)
         if memo.is_file():
             try:
                 return [PinnedPackage(**{**item, "depends": tuple(item["depends"])})

@@ -20,11 +20,11 @@ from typing import Any
 
 import jinja2
 
+from ..cache import Cache
 from ..errors import BuildError, FormatError, FwbuildError, UsageError
 from ..fsutil import atomic_write
 from ..progress import Progress, report
 from ..recipe import AptRepository, Recipe, resolve_path, resolved_repositories
-from ..sources import Cache
 from .apt import AptSession, PinnedPackage, dependency_chains
 from .cpio import COMPRESSIONS, GZIP_LEVEL, XZ_LEVEL, ZSTD_LEVEL, compress, decompress, write_cpio
 from .deb import DebContents, stage_deb
@@ -86,7 +86,6 @@ class InitramfsResult:
     provenance: Mapping[str, list[str]]      # "/path" -> reason chain
     kernel_version: str = ""
     builtin_modules: tuple[str, ...] = ()
-    module_load_order: tuple[str, ...] = ()
 
     def provenance_document(self) -> dict[str, Any]:
         """The sidecar `<initramfs>.provenance.json` (what `fwbuild initramfs why` reads)."""
@@ -119,7 +118,7 @@ def stage_packages(session: AptSession, cache: Cache, packages: Sequence[str],
     staged: list[tuple[DebContents, Path]] = []
     for index, pin in enumerate(pins):
         report(progress, "stage packages", index, len(pins))
-        dest = cache.root / "staged" / pin.sha256
+        dest = cache.staged_dir(pin.sha256)
         staged.append((stage_deb(paths[pin.name], dest), dest / "root"))
     report(progress, "stage packages", len(pins), len(pins))
     return StagedTree.from_packages(staged), pins
@@ -277,7 +276,6 @@ def build_initramfs(spec: InitramfsSpec, cache: Cache, progress: Progress | None
         provenance=tree.provenance(),
         kernel_version=modules.kernel_version if modules else "",
         builtin_modules=tuple(modules.builtin) if modules else (),
-        module_load_order=tuple(modules.load_order) if modules else (),
     )
 
 
@@ -290,7 +288,7 @@ def compress_cached(raw: bytes, method: str, cache: Cache) -> bytes:
     if method == "none":
         return raw
     level = {"zstd": ZSTD_LEVEL, "xz": XZ_LEVEL}.get(method, GZIP_LEVEL)
-    memo = cache.root / "compressed" / f"{method}-{level}-{hashlib.sha256(raw).hexdigest()}"
+    memo = cache.compressed(method, level, hashlib.sha256(raw).hexdigest())
     try:
         data = memo.read_bytes()
         if decompress(data) == raw:
@@ -310,7 +308,7 @@ def spec_from_recipe(recipe: Recipe, *, epoch: int,
     built-in init they are `InitSettings`, checked when the init is built).
     """
     section = recipe.initramfs
-    init = section.init if section.init.startswith("builtin:") else str(resolve_path(recipe, section.init))
+    init = str(section.init) if section.init.kind == "builtin" else str(resolve_path(recipe, section.init.name))
     repositories = resolved_repositories(recipe)
     return InitramfsSpec(
         packages=section.packages or InitramfsSpec.packages,

@@ -15,11 +15,13 @@ import tarfile
 import zlib
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import PurePosixPath
 
 from ..errors import FormatError, SignatureError
+from ..layout import RECOVERY_KIT
 from ..sign import build_sig, parse_sig, verify_sig
 
-ARCHIVE_NAME = "rpi-5-sd-recovery.tar.gz"
+ARCHIVE_NAME = PurePosixPath(RECOVERY_KIT.rel).name  # rpi-5-sd-recovery.tar.gz
 PIEEPROM_SIZE = 2 * 1024 * 1024
 RECOVERY_BIN_MAX = 512 * 1024  # the real 2712 recovery.bin is ~105 KB
 TARGET_SOC = "2712"

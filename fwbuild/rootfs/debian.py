@@ -41,12 +41,12 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..cache import Cache
 from ..errors import BuildError, FormatError, ToolError
 from ..fsutil import atomic_write
 from ..initramfs.apt import AptSession, PinnedPackage
 from ..initramfs.deb import _find, _open_tar, normalize_member, parse_ar, parse_control
 from ..progress import Progress, report
-from ..sources import Cache
 
 BUILDER_VERSION = "4"
 MARKER = "FWBUILD-DEBIAN-MULTIUSER"
@@ -308,7 +308,7 @@ def build_debian_root(cache: Cache, spec: DebianRootSpec = DebianRootSpec(), *,
     wanted = sorted(set(required_packages(session)) | set(spec.packages))
     pins = session.resolve(wanted)
     key = _root_key(spec, pins)
-    home = cache.root / "rootfs" / key[:32]
+    home = cache.rootfs_dir(key)
     image = home / "root.img"
     meta = home / "root.json"
     names = tuple(sorted(f"{p.name}={p.version}" for p in pins))

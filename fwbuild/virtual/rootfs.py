@@ -91,9 +91,9 @@ DIRS = ("bin", "sbin", "etc", "proc", "sys", "dev", "run", "tmp", "mnt", "root",
 def build_tiny_root(dest: Path, cache: object, *, root_id: str = "tiny",
                     progress: Progress | None = None) -> Path:
     """Write the tiny root into `dest` (created; must not exist) and return it."""
+    from ..cache import Cache
     from ..initramfs.apt import AptSession
     from ..initramfs.builder import stage_packages
-    from ..sources import Cache
 
     if not isinstance(cache, Cache):
         raise TypeError("cache must be a fwbuild.sources.Cache")

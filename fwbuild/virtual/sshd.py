@@ -10,7 +10,8 @@ private mount namespace where `/etc/passwd`, `/etc/group` and `/etc/shadow` are
 bind-mounted copies that add the VPN user, so nothing on the host changes.
 Optionally it runs inside a network namespace the caller created (latency
 benchmarks, server-side tap devices): a forwarder then relays connections from
-a port on the host's 127.0.0.1 into the namespace's loopback.
+a port on the host's 127.0.0.1 into the namespace's loopback (`python3 -m
+fwbuild.virtual.forwarder`, a program of its own).
 
 SFTP is the gate's own read-only server confined to `gate_root`; it writes one line
 per SFTP packet to `sftp.log`, so tests can count requests and bytes. sshd's other
@@ -58,77 +59,6 @@ SFTP_TYPES = {
     20: "SYMLINK", 101: "STATUS", 102: "HANDLE", 103: "DATA", 104: "NAME", 105: "ATTRS",
     200: "EXTENDED", 201: "EXTENDED_REPLY",
 }
-
-# Relays connections accepted on an inherited listening socket (bound on the host's
-# loopback) to 127.0.0.1:<port> inside the network namespace this program runs in.
-# A non-zero one-way delay (ms) turns each direction into a delay line: every chunk is
-# delivered `delay` after it was read (latency emulation when netem is unavailable).
-_FORWARDER = r"""
-import collections, socket, sys, threading, time
-listener = socket.socket(fileno=int(sys.argv[1]))
-port, delay = int(sys.argv[2]), int(sys.argv[3]) / 1000.0
-def close(*socks):
-    for s in socks:
-        try:
-            s.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-def pump(a, b):
-    if not delay:
-        try:
-            while True:
-                data = a.recv(262144)
-                if not data:
-                    break
-                b.sendall(data)
-        except OSError:
-            pass
-        close(a, b)
-        return
-    queue, cond = collections.deque(), threading.Condition()
-    def writer():
-        while True:
-            with cond:
-                while not queue:
-                    cond.wait()
-                due, data = queue.popleft()
-            pause = due - time.monotonic()
-            if pause > 0:
-                time.sleep(pause)
-            if data is None:
-                break
-            try:
-                b.sendall(data)
-            except OSError:
-                break
-        close(a, b)
-    threading.Thread(target=writer, daemon=True).start()
-    try:
-        while True:
-            data = a.recv(262144)
-            with cond:
-                queue.append((time.monotonic() + delay, data or None))
-                cond.notify()
-            if not data:
-                break
-    except OSError:
-        with cond:
-            queue.append((time.monotonic(), None))
-            cond.notify()
-def handle(client):
-    try:
-        upstream = socket.create_connection(("127.0.0.1", port))
-    except OSError:
-        client.close()
-        return
-    for s in (client, upstream):
-        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    threading.Thread(target=pump, args=(client, upstream), daemon=True).start()
-    pump(upstream, client)
-while True:
-    conn, _ = listener.accept()
-    threading.Thread(target=handle, args=(conn,), daemon=True).start()
-"""
 
 
 @dataclass(frozen=True)
@@ -375,10 +305,13 @@ class TestSshd:
             listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             listener.bind(("127.0.0.1", self.port))
             listener.listen(64)
+            # fwbuild.virtual.forwarder, from this source tree (SOURCE_ROOT first on the path).
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+                p for p in (str(SOURCE_ROOT), os.environ.get("PYTHONPATH", "")) if p)}
             fwd = subprocess.Popen(
-                ["ip", "netns", "exec", self.netns, sys.executable, "-c", _FORWARDER,
+                ["ip", "netns", "exec", self.netns, sys.executable, "-m", "fwbuild.virtual.forwarder",
                  str(listener.fileno()), str(self.inner_port), str(forwarder_delay_ms)],
-                pass_fds=[listener.fileno()], stdin=subprocess.DEVNULL)
+                pass_fds=[listener.fileno()], stdin=subprocess.DEVNULL, env=env)
             listener.close()
             self._procs.append(fwd)
         self._wait_ready()

@@ -43,7 +43,9 @@ class InitSettings:
     prefetch_streams: int = 16       # parallel working-set streams (walt_vpn.prefetch_streams=)
     prefetch_wait: int = 1           # 1: the boot waits for the prefetch; 0: runs alongside
     fw_cfg_name: str = "opt/fwbuild/bootconf"               # QEMU fw_cfg file of the config
-    vpn_root_default: str = "/var/lib/walt/nodes/{mac12}/fs"  # root without WALT_VPN_ROOT
+    # root without WALT_VPN_ROOT: "" = the root the SSH gate gives the node's certificate
+    # (no site path in the EEPROM); or a path, {mac12}/{mac} = the node's Ethernet MAC
+    vpn_root_default: str = ""
 
     def __post_init__(self) -> None:
         for item in fields(self):
@@ -64,10 +66,11 @@ class InitSettings:
         if not _FW_CFG_NAME_RE.fullmatch(self.fw_cfg_name):
             raise BuildError("fw_cfg name has unexpected characters", "initramfs.variables.fw_cfg_name",
                              "use letters, digits and _ . / -")
-        if not _ROOT_RE.fullmatch(self.vpn_root_default):
+        if self.vpn_root_default and not _ROOT_RE.fullmatch(self.vpn_root_default):
             raise BuildError("vpn_root_default must be an absolute path",
                              "initramfs.variables.vpn_root_default",
-                             "e.g. /var/lib/walt/nodes/{mac12}/fs ({mac12}, {mac}: the node's MAC)")
+                             "e.g. /var/lib/walt/nodes/{mac12}/fs ({mac12}, {mac}: the node's MAC), "
+                             "or leave it out: the root the SSH gate gives the node")
 
     @classmethod
     def from_variables(cls, variables: Mapping[str, Any]) -> InitSettings:

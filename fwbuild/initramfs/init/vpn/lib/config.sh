@@ -1,4 +1,6 @@
 # shellcheck shell=sh
+# shellcheck disable=SC2034  # its globals are read by the other files /init sources
+# (shellcheck checks each library file alone)
 # Library of the VPN init (/lib/fwbuild-init/config.sh): the node's configuration
 # (fw_cfg or blconfig nvmem, the kernel command line) and its checks. The build's own
 # settings (RETRIES, FW_CFG_NAME, ...) are in /etc/fwbuild-init.conf, sourced before this.
@@ -55,6 +57,7 @@ parse_config() {
 # walt_vpn.backoff=SECONDS, walt_vpn.min_session=SECONDS, walt_vpn.flash_pause=STEP (the
 # EEPROM write stops after that step and waits, for a power cut).
 parse_cmdline() {
+    # shellcheck disable=SC2013  # the command line is one line of words
     for word in $(cat /proc/cmdline); do
         case "${word#*=}" in ''|*[!0-9]*) continue ;; esac
         case "$word" in
@@ -71,9 +74,10 @@ parse_cmdline() {
 
 # Required: WALT_VPN_MAC, WALT_VPN_ENTRYPOINT, WALT_VPN_CREDS (what WalT's own client
 # writes). Optional, with defaults: WALT_VPN_BOOT_MODE (enforced), WALT_VPN_USER (walt-vpn),
-# WALT_VPN_ROOT (ROOT_DEFAULT with {mac12}/{mac} = this node's Ethernet MAC). The mode is
-# read first, so a missing key in permissive mode falls back like any permissive failure.
-# VPN_ROOT_DEFAULT comes from the init's settings (fwbuild-init.conf).
+# WALT_VPN_ROOT (default: the root the SSH gate gives this node's certificate, found by
+# mount_root with no site path; a non-empty VPN_ROOT_DEFAULT from the init's settings,
+# fwbuild-init.conf, with {mac12}/{mac} = this node's Ethernet MAC, replaces it). The mode
+# is read first, so a missing key in permissive mode falls back like any permissive failure.
 
 check_config() {
     case "${CFG_WALT_VPN_BOOT_MODE:-enforced}" in
@@ -85,11 +89,16 @@ check_config() {
         [ -n "$value" ] || fatal "config: $key is missing"
     done
     value=
-    if [ -z "${CFG_WALT_VPN_ROOT:-}" ]; then
+    ROOT_NAME=${CFG_WALT_VPN_ROOT:-}
+    if [ -z "${CFG_WALT_VPN_ROOT:-}" ] && [ -z "${VPN_ROOT_DEFAULT:-}" ]; then
+        ROOT_NAME="the SSH gate's root for this node"
+        say "config: no WALT_VPN_ROOT (a WalT-written EEPROM): root = $ROOT_NAME"
+    elif [ -z "${CFG_WALT_VPN_ROOT:-}" ]; then
         iface=$(first_interface) || fatal "config: no WALT_VPN_ROOT and no network interface to name the default"
-        own_mac=$(cat "/sys/class/net/$iface/address" 2>/dev/null | tr 'A-F' 'a-f')
+        own_mac=$(tr 'A-F' 'a-f' < "/sys/class/net/$iface/address" 2>/dev/null)
         own_mac12=$(printf '%s' "$own_mac" | tr -d :)
         CFG_WALT_VPN_ROOT=$(printf '%s' "$VPN_ROOT_DEFAULT" | sed "s/{mac12}/$own_mac12/g; s/{mac}/$own_mac/g")
+        ROOT_NAME=$CFG_WALT_VPN_ROOT
         say "config: no WALT_VPN_ROOT (a WalT-written EEPROM): root $CFG_WALT_VPN_ROOT"
     fi
     USER=${CFG_WALT_VPN_USER:-walt-vpn}
@@ -97,8 +106,8 @@ check_config() {
         [0-9a-f][0-9a-f]:[0-9a-f][0-9a-f]:[0-9a-f][0-9a-f]:[0-9a-f][0-9a-f]:[0-9a-f][0-9a-f]:[0-9a-f][0-9a-f]) ;;
         *) fatal "config: WALT_VPN_MAC is not a lowercase MAC address" ;;
     esac
-    case "$CFG_WALT_VPN_ROOT" in
-        /*) ;;
+    case "${CFG_WALT_VPN_ROOT:-}" in
+        /*|'') ;;
         *) fatal "config: WALT_VPN_ROOT must be an absolute path" ;;
     esac
     case "$USER" in

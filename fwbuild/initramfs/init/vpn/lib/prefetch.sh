@@ -78,6 +78,7 @@ prefetch_start() {
             return 0
             ;;
     esac
+    # shellcheck disable=SC2086  # split "ok RANGES BLOCKS" into the positional parameters
     set -- $why
     say "prefetch: $2 ranges, $(( $3 / 256 )) MiB of the root"
     if [ -n "$PREFETCH_JAIL" ]; then
@@ -87,6 +88,7 @@ prefetch_start() {
         set -- /bin/busybox sh "$FWBUILD_INIT_ROOT/bin/vpn-prefetch" "$img" "$PREFETCH_TMP" "$PREFETCH_LOG"
     fi
     # walt_vpn.prefetch_wait=1 (default): the boot goes on once the set is in; 0: in parallel.
+    # shellcheck disable=SC2153  # PREFETCH_WAIT is a setting (fwbuild-init.conf), not a typo
     if [ "$PREFETCH_WAIT" = 1 ]; then
         "$@" </dev/null >/dev/null 2>&1
     else

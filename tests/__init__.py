@@ -1,0 +1,1 @@
+"""fwbuild's tests: unit tests by package, end-to-end ones in e2e/."""
