@@ -60,8 +60,8 @@ def build_cmd(out: Path | None, packages: tuple[str, ...], hostname: str, offlin
 @click.argument("image", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--initramfs", "initrd", required=True,
               type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="The VPN initramfs the reference boot uses, e.g. "
-                   "OUT/virtual/initramfs/initramfs_2712 of `fwbuild build recipes/virtual.toml`.")
+              help="The VPN initramfs the reference boot uses (the initramfs of "
+                   "`fwbuild build recipes/virtual.toml`).")
 @click.option("--kernel-package", default="linux-image-cloud-arm64", show_default=True,
               help="Debian arm64 kernel package the virtual node boots.")
 @click.option("--marker", default=None,
