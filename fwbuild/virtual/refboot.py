@@ -47,6 +47,7 @@ class BootRun:
     relay_up: int
     console: Path
     prefetch_line: str          # the init's "walt-vpn: prefetch: ..." line ("" if none)
+    cpu_s: float = 0.0          # CPU time QEMU used up to the marker (the host is shared)
 
 
 def boot_image(work: Path, image: Path, kernel: Path, initrd: Path, profile: Profile = PROFILES["lan"],
@@ -79,6 +80,7 @@ def boot_image(work: Path, image: Path, kernel: Path, initrd: Path, profile: Pro
             t_init = time.monotonic() - start
             done = vm.wait_for(re.escape(marker), timeout) if first else None
             t_marker = time.monotonic() - start
+            cpu = _cpu_seconds(vm.proc.pid)
             text = vm.console()
             vm.stop()
         if not first or not done:
@@ -90,7 +92,16 @@ def boot_image(work: Path, image: Path, kernel: Path, initrd: Path, profile: Pro
         reads = tuple(parse_read_log(sshd.read_log.read_text(), str(image)))
         down, up = relay.bytes_down, relay.bytes_up
     line = next((m.group(0).strip() for m in re.finditer(r"walt-vpn: prefetch: [^\r\n]*", text)), "")
-    return BootRun(profile.name, t_init, t_marker, sftp, reads, down, up, console, line)
+    return BootRun(profile.name, t_init, t_marker, sftp, reads, down, up, console, line, cpu)
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a running process (Linux /proc), 0.0 if unreadable."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def record_working_set(work: Path, image: Path, kernel: Path, initrd: Path, *, marker: str,

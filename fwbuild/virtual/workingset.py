@@ -2,8 +2,8 @@
 
 A reference boot of the virtual node (image mode) runs against `RecordingSshd`, a
 `TestSshd` whose SFTP subsystem is wrapped by one more relay that logs every READ
-(`R <offset> <length> <path>`). The reads of the image, in first-access order, become
-a `WorkingSet` of 4 KiB block ranges (neighbours closer than `gap` merged).
+(`R <offset> <length> <path>`). The blocks the boot read become a `WorkingSet` of
+4 KiB block ranges in ascending order (ranges closer than `gap` blocks merged).
 
 On disk the set is a text file next to the image, `<image>.prefetch`:
 
@@ -13,7 +13,7 @@ On disk the set is a text file next to the image, `<image>.prefetch`:
     probe-sha256 <sha256 of the image's first 64 KiB>
     block 4096
     ranges <n>
-    <first block> <block count>      (n lines, first-access order)
+    <first block> <block count>      (n lines; ascending as recorded, any order read)
     end
 
 It is keyed by the root's digest: `publish_working_set` writes it only when the
@@ -68,7 +68,7 @@ class WorkingSet:
     image_sha256: str
     image_size: int
     probe_sha256: str
-    ranges: tuple[tuple[int, int], ...]      # (first block, block count), first-access order
+    ranges: tuple[tuple[int, int], ...]      # (first block, block count), ascending
     block: int = BLOCK
 
     @property
@@ -95,25 +95,26 @@ def image_digests(image: Path) -> tuple[str, int, str]:
 
 def coalesce(reads: Iterable[tuple[int, int]], *, gap_blocks: int = 16,
              block: int = BLOCK) -> tuple[tuple[int, int], ...]:
-    """Block ranges covering `reads`, in first-access order; a read adjacent to (or within
-    `gap_blocks` after) the range it follows extends it; blocks already listed are dropped."""
-    seen: set[int] = set()
-    out: list[list[int]] = []
+    """Block ranges covering `reads`, in ascending block order; ranges closer than
+    `gap_blocks` are merged (the gap is fetched too).
+
+    Offset order, not first-access order: the node fetches the whole set before it
+    mounts the image, so the order does not matter to the boot, but every range costs
+    the node one reader process (a fork+exec, slow on the virtual node's TCG CPU) and
+    the boot's reads of one file arrive in several places of the access order. The
+    reference Debian boot: 398 ranges in access order, 57 in offset order (gap 16) for
+    0.4 MB more; the prefetch on LAN took 7.5 s of guest CPU instead of 27.6 s.
+    """
+    blocks: set[int] = set()
     for offset, length in reads:
-        if length <= 0:
-            continue
-        first, last = offset // block, (offset + length - 1) // block
-        new = [b for b in range(first, last + 1) if b not in seen]
-        if not new:
-            continue
-        seen.update(range(first, last + 1))
-        start, end = new[0], new[-1] + 1
-        if out and 0 <= start - (out[-1][0] + out[-1][1]) <= gap_blocks:
-            tail = out[-1]
-            seen.update(range(tail[0] + tail[1], start))
-            tail[1] = end - tail[0]
+        if length > 0:
+            blocks.update(range(offset // block, (offset + length - 1) // block + 1))
+    out: list[list[int]] = []
+    for number in sorted(blocks):
+        if out and number - (out[-1][0] + out[-1][1]) <= gap_blocks:
+            out[-1][1] = number + 1 - out[-1][0]
         else:
-            out.append([start, end - start])
+            out.append([number, 1])
     return tuple((start, count) for start, count in out)
 
 

@@ -62,6 +62,7 @@ fwbuild recovery image
 fwbuild recovery write
 fwbuild rootfs
 fwbuild rootfs build
+fwbuild rootfs prefetch
 fwbuild serve
 fwbuild sig
 fwbuild sig create

@@ -43,11 +43,13 @@ def test_read_log_keeps_the_image_reads_in_order() -> None:
     assert parse_read_log(log, "/srv/my root.img") == [(1, 2)]
 
 
-def test_coalesce_keeps_first_access_order_and_merges_neighbours() -> None:
+def test_coalesce_sorts_by_block_and_merges_neighbours() -> None:
     reads = [(100 * BLOCK, 2 * BLOCK), (102 * BLOCK, BLOCK), (5 * BLOCK, 100), (100 * BLOCK, BLOCK),
-             (110 * BLOCK, BLOCK), (500 * BLOCK, BLOCK)]
-    # 100-102, then 5; the second read of 100 adds nothing; 110 follows 5 (too far to merge).
-    assert coalesce(reads, gap_blocks=16) == ((100, 3), (5, 1), (110, 1), (500, 1))
+             (110 * BLOCK, BLOCK), (500 * BLOCK, BLOCK), (6 * BLOCK + 1, BLOCK)]
+    # Ascending: 5-7 (the last read straddles 6 and 7), 100-102 and 110 (7 blocks apart:
+    # merged with the gap), 500; the second read of 100 adds nothing.
+    assert coalesce(reads, gap_blocks=16) == ((5, 3), (100, 11), (500, 1))
+    assert coalesce(reads, gap_blocks=0) == ((5, 3), (100, 3), (110, 1), (500, 1))
     assert coalesce([(0, BLOCK), (3 * BLOCK, BLOCK)], gap_blocks=4) == ((0, 4),)
     assert coalesce([(0, BLOCK), (9 * BLOCK, BLOCK)], gap_blocks=4) == ((0, 1), (9, 1))
     assert coalesce([(0, 0)]) == ()
@@ -174,3 +176,42 @@ def test_init_ignores_a_set_of_another_root(tmp_path: Path) -> None:
 def test_working_set_is_a_value() -> None:
     ws = WorkingSet("a" * 64, 8192, "b" * 64, ((0, 2),))
     assert parse_working_set(ws.render()) == ws
+
+
+def test_prefetch_cli_refuses_a_missing_image_or_initramfs(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from fwbuild.cli import main
+
+    image = make_image(tmp_path / "root.img")
+    result = CliRunner().invoke(main, ["rootfs", "prefetch", str(tmp_path / "nope.img"),
+                                       "--initramfs", str(image)])
+    assert result.exit_code == 2 and "does not exist" in result.output
+    assert "Traceback" not in result.output
+    result = CliRunner().invoke(main, ["rootfs", "prefetch", str(image),
+                                       "--initramfs", str(tmp_path / "nope")])
+    assert result.exit_code == 2 and "'--initramfs'" in result.output
+    assert not set_path(image).exists()
+
+
+@needs_busybox
+def test_init_prefetch_plan_splits_big_ranges_across_streams(tmp_path: Path) -> None:
+    # The init's plan: a 1100-block range goes out as pieces of at most 2 MiB (512
+    # blocks), each to the least loaded stream, so no single stream is the slow tail.
+    image = make_image(tmp_path / "root.img", blocks=1300)
+    ws = working_set_from_reads([(0, 65536), (100 * BLOCK, 1100 * BLOCK)], image)
+    publish_working_set(ws, image)
+    root = tmp_path / "initroot"
+    init = write_vpn_init(root, VpnInitSettings())
+    work = tmp_path / "pftmp"
+    assert BUSYBOX is not None
+    result = subprocess.run(
+        [BUSYBOX, "sh", "-c", (f'FWBUILD_INIT_ROOT={root}\n. {init}\nPREFETCH_STREAMS=3\n'
+                               f'prefetch_plan "{set_path(image)}" {ws.image_size} {ws.probe_sha256}\n')],
+        capture_output=True, text=True, timeout=120, check=False,
+        env={**os.environ, "PREFETCH_JAIL": "", "PREFETCH_TMP": str(work)})
+    assert result.stdout.strip().splitlines()[-1] == f"ok 2 {ws.blocks}", result.stdout + result.stderr
+    streams = {p.name: [tuple(map(int, line.split())) for line in p.read_text().splitlines()]
+               for p in sorted(work.glob("ws.*"))}
+    # Pieces in order: (0,16)->ws.0, (100,512)->ws.1, (612,512)->ws.2, (1124,76)->ws.0.
+    assert streams == {"ws.0": [(0, 16), (1124, 76)], "ws.1": [(100, 512)], "ws.2": [(612, 512)]}
