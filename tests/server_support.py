@@ -260,3 +260,30 @@ def node_ssh(files: dict[str, Path], port: int) -> subprocess.CompletedProcess[s
          "-o", "GlobalKnownHostsFile=/dev/null", "-o", "StrictHostKeyChecking=yes",
          "-o", "ConnectTimeout=30", "-p", str(port), "root@127.0.0.1", "true"],
         capture_output=True, text=True, timeout=120, check=False)
+
+
+def write_ca_sshd_config(directory: Path, *, port: int, hostkey: Path, ca_pub: Path,
+                         revoked_keys: Path) -> Path:
+    """An sshd_config (in `directory`) that lets in `root` with a certificate of the CA `ca_pub`
+    for principal walt-vpn, refusing the keys in `revoked_keys`: how a site's sshd trusts nodes."""
+    principals = directory / "principals"
+    principals.mkdir()
+    (principals / "root").write_text("walt-vpn\n")
+    sshd_config = directory / "sshd_config"
+    sshd_config.write_text(f"""Port {port}
+ListenAddress 127.0.0.1
+HostKey {hostkey}
+PidFile none
+UsePAM no
+StrictModes no
+PermitRootLogin prohibit-password
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PubkeyAuthentication yes
+AuthorizedKeysFile none
+TrustedUserCAKeys {ca_pub}
+AuthorizedPrincipalsFile {principals}/%u
+RevokedKeys {revoked_keys}
+LogLevel VERBOSE
+""")
+    return sshd_config

@@ -35,6 +35,7 @@ from tests.server_support import (
     node_ip,
     node_ssh,
     request,
+    write_ca_sshd_config,
     write_node_addresses,
 )
 
@@ -245,26 +246,8 @@ def test_revoke_through_one_refused_by_the_others_sshd(site: dict[str, Any]) -> 
     host_line = hostkey.with_suffix(".pub").read_text().split()
     config = {"ssh": f"127.0.0.1:{ssh_port}", "host_keys": (f"{host_line[0]} {host_line[1]}",)}
     a, b = site["start"]("a", **config), site["start"]("b", **config)
-    principals = tmp / "principals"
-    principals.mkdir()
-    (principals / "root").write_text("walt-vpn\n")
-    sshd_config = tmp / "sshd_config"
-    sshd_config.write_text(f"""Port {ssh_port}
-ListenAddress 127.0.0.1
-HostKey {hostkey}
-PidFile none
-UsePAM no
-StrictModes no
-PermitRootLogin prohibit-password
-PasswordAuthentication no
-KbdInteractiveAuthentication no
-PubkeyAuthentication yes
-AuthorizedKeysFile none
-TrustedUserCAKeys {site["keys"] / "ssh-ca.pub"}
-AuthorizedPrincipalsFile {principals}/%u
-RevokedKeys {b.revoked_keys}
-LogLevel VERBOSE
-""")
+    sshd_config = write_ca_sshd_config(tmp, port=ssh_port, hostkey=hostkey,
+                                       ca_pub=site["keys"] / "ssh-ca.pub", revoked_keys=b.revoked_keys)
     mac12 = bound_test_macs(1)[0]
     assert enroll(b.port, mac12).status == 201
     files = node_files(b.port, mac12, tmp / "node")

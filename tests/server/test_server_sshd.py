@@ -26,6 +26,7 @@ from tests.server_support import (
     make_artifacts,
     node_files,
     node_ssh,
+    write_ca_sshd_config,
     write_config,
 )
 
@@ -74,26 +75,8 @@ def setup(tmp_path: Path, session_keys: Path) -> Iterator[dict[str, Any]]:
         state=tmp_path / "state", keys=keys, ssh=f"127.0.0.1:{ssh_port}",
         host_keys=[hostkey.with_suffix(".pub").read_text().strip()])
     config = load_config(config_path)
-    principals = tmp_path / "principals"
-    principals.mkdir()
-    (principals / "root").write_text("walt-vpn\n")
-    sshd_config = tmp_path / "sshd_config"
-    sshd_config.write_text(f"""Port {ssh_port}
-ListenAddress 127.0.0.1
-HostKey {hostkey}
-PidFile none
-UsePAM no
-StrictModes no
-PermitRootLogin prohibit-password
-PasswordAuthentication no
-KbdInteractiveAuthentication no
-PubkeyAuthentication yes
-AuthorizedKeysFile none
-TrustedUserCAKeys {keys / "ssh-ca.pub"}
-AuthorizedPrincipalsFile {principals}/%u
-RevokedKeys {config.revoked_keys_file}
-LogLevel VERBOSE
-""")
+    sshd_config = write_ca_sshd_config(tmp_path, port=ssh_port, hostkey=hostkey,
+                                       ca_pub=keys / "ssh-ca.pub", revoked_keys=config.revoked_keys_file)
     srv = start_server(config)
     os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # sshd's privilege-separation dir
     with open(tmp_path / "sshd.log", "wb") as log:
