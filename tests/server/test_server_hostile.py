@@ -226,6 +226,31 @@ CASES: list[tuple[str, bytes, str, int]] = [
     ("admin bad mode", _post(f"/api/nodes/{MAC12}/mode", b'{"mode": "turbo"}', JSON,
                              host="Host: localhost"), ADMIN, 400),
     ("admin route on the node listener", _get("/api/nodes"), NODE, 404),
+    # Artifacts by digest (public, immutable) and the entrypoint's authorization sub-request.
+    ("by-digest not hex", _get(f"/walt-vpn/by-digest/{'g' * 64}/boot.img"), OUTSIDE, 404),
+    ("by-digest short", _get("/walt-vpn/by-digest/abcd/boot.img"), OUTSIDE, 404),
+    ("by-digest upper case", _get(f"/walt-vpn/by-digest/{'A' * 64}/boot.sig"), OUTSIDE, 404),
+    ("by-digest unknown", _get(f"/walt-vpn/by-digest/{'0' * 64}/boot.img"), OUTSIDE, 404),
+    ("by-digest dotdot", _get("/walt-vpn/by-digest/../boot.img"), OUTSIDE, 400),
+    ("by-digest other file", _get(f"/walt-vpn/by-digest/{'0' * 64}/pieeprom.bin"), OUTSIDE, 404),
+    ("by-digest as POST", _post(f"/walt-vpn/by-digest/{'0' * 64}/boot.img", b""), OUTSIDE, 405),
+    ("auth without X-Original-URI", _get("/walt-vpn/entrypoint-auth"), OUTSIDE, 400),
+    ("auth for a secret file", _get("/walt-vpn/entrypoint-auth",
+                                    f"X-Original-URI: {N}/pieeprom.bin\r\n"), OUTSIDE, 404),
+    ("auth for node-conf", _get("/walt-vpn/entrypoint-auth",
+                                f"X-Original-URI: {CREDS}?mac={MAC12}\r\n"), OUTSIDE, 404),
+    ("auth dotdot uri", _get("/walt-vpn/entrypoint-auth",
+                             f"X-Original-URI: {N}/../{OTHER12}/boot.img\r\n"), OUTSIDE, 400),
+    ("auth revoked node", _get("/walt-vpn/entrypoint-auth",
+                               f"X-Original-URI: /walt-vpn/node/{REVOKED12}/boot.img\r\n"),
+     OUTSIDE, 403),
+    ("auth unknown node", _get("/walt-vpn/entrypoint-auth",
+                               f"X-Original-URI: /walt-vpn/node/{UNKNOWN12}/boot.img\r\n"),
+     OUTSIDE, 404),
+    # An untrusted client's X-Real-IP is ignored: a 200 decision, and no boot event is written.
+    ("auth X-Real-IP from untrusted", _get("/walt-vpn/entrypoint-auth",
+                                           f"X-Original-URI: {N}/boot.img\r\nX-Real-IP: {NODE}\r\n"),
+     INSIDE, 200),
 ]
 
 
