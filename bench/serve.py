@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from fwbuild.layout import BOOT_IMG, MANIFEST
+from fwbuild.virtual.sharedsite import start_nginx as shared_nginx
 
 MAC12 = "dca632b3e4c5"
 
@@ -121,44 +122,18 @@ port = {admin}
 
 
 def start_nginx(work: Path, artifacts: Path) -> tuple[subprocess.Popen[bytes], int]:
-    binary = ensure_nginx()
+    """nginx serving boot.img as a static file at the node's path (the reference to beat),
+    with the entrypoint tests' nginx set-up (fwbuild.virtual.sharedsite.start_nginx)."""
+    ensure_nginx()
     port = free_port()
-    prefix = work / "nginx"
-    (prefix / "tmp").mkdir(parents=True)
-    www = prefix / "www" / "walt-vpn" / "node" / MAC12
-    www.mkdir(parents=True)
-    os.link(BOOT_IMG.path(artifacts), www / "boot.img")
-    (www / "small").write_text("bench\n")
-    conf = prefix / "nginx.conf"
-    conf.write_text(f"""
-user root;
-worker_processes auto;
-daemon off;
-pid {prefix}/nginx.pid;
-error_log {prefix}/error.log warn;
-events {{ worker_connections 1024; }}
-http {{
-    access_log {prefix}/access.log;
-    sendfile on;
-    tcp_nopush on;
-    keepalive_requests 100000;
-    client_body_temp_path {prefix}/tmp/body;
-    proxy_temp_path {prefix}/tmp/proxy;
-    fastcgi_temp_path {prefix}/tmp/fastcgi;
-    uwsgi_temp_path {prefix}/tmp/uwsgi;
-    scgi_temp_path {prefix}/tmp/scgi;
-    default_type application/octet-stream;
-    server {{
-        listen 127.0.0.1:{port};
-        root {prefix}/www;
-        location / {{ }}
-    }}
-}}
-""")
-    proc = subprocess.Popen([binary, "-p", str(prefix), "-c", str(conf)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    wait_port(port, proc, "nginx")
-    return proc, port
+    www = work / "www"
+    node = www / "walt-vpn" / "node" / MAC12
+    node.mkdir(parents=True)
+    os.link(BOOT_IMG.path(artifacts), node / "boot.img")
+    (node / "small").write_text("bench\n")
+    site = f"server {{\n    listen 127.0.0.1:{port};\n    root {www};\n    location / {{ }}\n}}\n"
+    server = shared_nginx(work, site, port, workers=os.cpu_count() or 1)
+    return server.proc, port
 
 
 def _client(port: int, path: str, threads: int, count: int, barrier: Any, out: Any) -> None:
