@@ -27,17 +27,6 @@ def _run(*args: str) -> tuple[int, str]:
     return result.exit_code, result.output
 
 
-@pytest.fixture
-def site(tmp_path: Path, session_keys: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    directory = tmp_path / "site"
-    directory.mkdir()
-    shutil.copy(ROOT / "recipes/virtual.toml", directory / "virtual.toml")
-    shutil.copytree(session_keys, directory / "keys")
-    monkeypatch.setenv("FWBUILD_CACHE", str(tmp_path / "cache"))
-    monkeypatch.chdir(tmp_path)
-    return directory / "virtual.toml"
-
-
 def _recipe(tmp_path: Path, body: str, name: str = "r.toml") -> Path:
     path = tmp_path / name
     path.write_text('[recipe]\nname = "r"\ntarget = "virtual"\n[initramfs]\n'

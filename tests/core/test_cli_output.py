@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,18 +24,6 @@ from fwbuild.progress import report_bytes
 from fwbuild.recipe import parse_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture
-def site(tmp_path: Path, session_keys: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """The virtual recipe in a site directory of its own, with keys beside it, and a fresh cache."""
-    directory = tmp_path / "site"
-    directory.mkdir()
-    shutil.copy(ROOT / "recipes/virtual.toml", directory / "virtual.toml")
-    shutil.copytree(session_keys, directory / "keys")
-    monkeypatch.setenv("FWBUILD_CACHE", str(tmp_path / "cache"))
-    monkeypatch.chdir(tmp_path)
-    return directory / "virtual.toml"
 
 
 A_BIN = Artifact("test.a", "a.bin")
