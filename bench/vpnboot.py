@@ -8,7 +8,8 @@ path between the node and the entrypoints):
 
 - HTTP boot: boot.sig then boot.img over ONE keep-alive TCP connection through the
   path, then sha256 + RSA verification with the build's key (what the bootloader does);
-- VPN boot of the root image in QEMU: time to the root's init (systemd's first line),
+- VPN boot of the root image in QEMU (the sshd opens the node's Ethernet tunnel, as the
+  server's entrypoints do): time to the root's init (systemd's first line),
   time to multi-user.target (the root's marker unit), SFTP requests and bytes, bytes
   the path delivered to the node;
 

@@ -52,14 +52,18 @@ class BootRun:
 
 def boot_image(work: Path, image: Path, kernel: Path, initrd: Path, profile: Profile = PROFILES["lan"],
                *, marker: str, init_line: str, memory_mb: int = 1024, timeout: float = 1200,
-               append: str = "") -> BootRun:
-    """One boot of `image` (its directory is what the sshd serves); raises ToolError on failure."""
+               append: str = "", tunnel: bool = True) -> BootRun:
+    """One boot of `image` (its directory is what the sshd serves); raises ToolError on failure.
+
+    The sshd opens the node's Ethernet tunnel, as the server's entrypoints do (its tap
+    device stays in the sshd's namespace); `tunnel=False` refuses it (the node waits its
+    `tap_wait` and boots on without walt-vpn)."""
     work.mkdir(parents=True, exist_ok=True)
     os.chmod(work, 0o755)
     keys = init_keys(work / "keys").directory
     ssh_dir = work / "sshd"
     with RecordingSshd(ssh_dir, ca_public_key=(keys / "ssh-ca.pub").read_text(), netns=True,
-                       gate_root=str(image)) as sshd, \
+                       gate_root=str(image), permit_tunnel=tunnel) as sshd, \
             NetRelay(("127.0.0.1", sshd.port), profile) as relay:
         creds = issue_node_credentials(load_ssh_ca(keys / "ssh-ca"), NODE_KEY_ID,
                                        sshd.known_hosts_line("10.0.2.2", relay.port))

@@ -86,3 +86,10 @@ def test_debian_prefetch_at_50ms_reaches_multi_user(tmp_path: Path, guest: Guest
     # Everything the reference boot read was fetched (ahead) by this boot.
     wanted = {b for start, count in ws.ranges for b in range(start, start + count)}
     assert wanted <= blocks_of(run.reads)
+    console = run.console.read_text(errors="replace")
+    # The root's FUSE connection was tuned (no "cannot tune" line), the tunnel came up while
+    # the prefetch ran, and the path carried the SFTP payload zlib-compressed (SSH compression).
+    assert "cannot tune" not in console
+    assert console.index("walt-vpn: prefetch: ") < console.index("tunnel: interface walt-vpn is up") \
+        < console.index("root: mounted image")
+    assert run.relay_down < run.sftp.total_bytes * 0.6, (run.relay_down, run.sftp.total_bytes)

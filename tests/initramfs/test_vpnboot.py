@@ -96,6 +96,9 @@ def test_recipe_variables_become_settings() -> None:
             ({"retries": "many"}, "initramfs.variables.retries", "must be a non-negative integer"),
             ({"retries": "0"}, "initramfs.variables.retries", "at least 1"),
             ({"prefetch_wait": "2"}, "initramfs.variables.prefetch_wait", "0 or 1"),
+            ({"ssh_compression": 2}, "initramfs.variables.ssh_compression", "0 or 1"),
+            ({"fuse_background": "0"}, "initramfs.variables.fuse_background", "at least 1"),
+            ({"fuse_readahead_kb": "2"}, "initramfs.variables.fuse_readahead_kb", "at least 4"),
             ({"fw_cfg_name": "a b"}, "initramfs.variables.fw_cfg_name", "unexpected characters"),
             ({"vpn_root_default": "relative"}, "initramfs.variables.vpn_root_default", "absolute")):
         with pytest.raises(BuildError) as info:
@@ -320,6 +323,29 @@ def test_certificate_login_with_pinned_host_key(tmp_path: Path, session_keys: Pa
     result = _ssh(config)
     assert result.returncode == 0, result.stderr
     assert result.stdout[4:9] == SFTP_VERSION
+
+
+@pytest.mark.slow
+def test_connection_is_compressed_unless_switched_off(tmp_path: Path, session_keys: Path,
+                                                      sshd: TestSshd) -> None:
+    # The root's blocks cross the path zlib-compressed (ssh_compression=1, the default):
+    # the real sshd agrees to it in the key exchange, both ways.
+    config = _ssh_setup(tmp_path, session_keys, sshd)
+    result = _ssh(config, "-v")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout[4:9] == SFTP_VERSION
+    kex = [line for line in result.stderr.splitlines() if "debug1: kex: " in line and "cipher:" in line]
+    assert len(kex) == 2 and all("compression: zlib@openssh.com" in line for line in kex), kex
+    # walt_vpn.compression=0 (or ssh_compression = 0 in the recipe): no Compression line.
+    off = tmp_path / "off"
+    (off / "vpn" / "etc" / "ssh").mkdir(parents=True)
+    creds = pack_credentials(sample_credentials(session_keys))
+    result = run_init_functions(off, f'VPN={off}/vpn; CFG_WALT_VPN_CREDS="$SECRET"; CTL=/x; '
+                                'ENTRY_HOST=h; ENTRY_PORT=22; USER=walt-vpn; SSH_COMPRESSION=0; '
+                                'unpack_credentials; write_ssh_config', env={"SECRET": creds})
+    assert result.returncode == 0, result.stderr
+    assert "Compression" not in (off / "vpn" / "etc" / "ssh" / "ssh_config").read_text()
+    assert "  Compression yes\n" in config.read_text()
 
 
 @pytest.mark.slow

@@ -97,13 +97,13 @@ def test_a_changed_root_invalidates_the_set(tmp_path: Path) -> None:
 
 # ---- the init's prefetch (host busybox) ---------------------------------------------------
 
-def run_prefetch(tmp_path: Path, image: Path) -> subprocess.CompletedProcess[str]:
+def run_prefetch(tmp_path: Path, image: Path, pre: str = "") -> subprocess.CompletedProcess[str]:
     root = tmp_path / "initroot"
     init = write_vpn_init(root, VpnInitSettings())
     work = tmp_path / "pftmp"
     work.mkdir(exist_ok=True)
     assert BUSYBOX is not None
-    return subprocess.run([BUSYBOX, "sh", "-c", f'FWBUILD_INIT_ROOT={root}\n. {init}\nprefetch_image "{image}"\necho rc=$?\n'],
+    return subprocess.run([BUSYBOX, "sh", "-c", f'FWBUILD_INIT_ROOT={root}\n. {init}\n{pre}\nprefetch_image "{image}"\necho rc=$?\n'],
                           capture_output=True, text=True, timeout=120, check=False,
                           env={**os.environ, "PREFETCH_JAIL": "", "PREFETCH_TMP": str(work),
                                "PREFETCH_LOG": str(tmp_path / "prefetch.log")})
@@ -118,7 +118,12 @@ def test_init_prefetches_a_good_set(tmp_path: Path) -> None:
     image = make_image(tmp_path / "root.img")
     ws = working_set_from_reads([(0, 65536), (100 * BLOCK, 40 * BLOCK), (7 * BLOCK, BLOCK)], image)
     publish_working_set(ws, image)
-    result = run_prefetch(tmp_path, image)
+    # The root's FUSE bdi (here a stand-in directory): its readahead is raised for the
+    # streams and put back once they are done.
+    bdi = tmp_path / "bdi"
+    bdi.mkdir()
+    (bdi / "read_ahead_kb").write_text("128\n")
+    result = run_prefetch(tmp_path, image, f"FUSE_BDI={bdi}; FUSE_READAHEAD_KB=2048")
     lines = prefetch_lines(result)
     assert len(lines) == 1, result.stdout + result.stderr
     assert lines[0] == (f"walt-vpn: prefetch: {len(ws.ranges)} ranges, 0 MiB of the root"
@@ -131,6 +136,7 @@ def test_init_prefetches_a_good_set(tmp_path: Path) -> None:
         time.sleep(0.1)
     assert log.read_text().startswith("walt-vpn: prefetch: done in ")
     assert not list((tmp_path / "pftmp").iterdir())   # its stream files are gone
+    assert (bdi / "read_ahead_kb").read_text().strip() == "128"
 
 
 @needs_busybox

@@ -40,8 +40,15 @@ class InitSettings:
     min_session: int = 60            # a shorter VPN session means a broken setup: reboot
     tap_wait: int = 5                # how long to wait for the tunnel's tap device
     eeprom_retries: int = 3          # failed EEPROM checks before booting with the current one
-    prefetch_streams: int = 16       # parallel working-set streams (walt_vpn.prefetch_streams=)
+    prefetch_streams: int = 32       # parallel working-set streams (walt_vpn.prefetch_streams=)
     prefetch_wait: int = 1           # 1: the boot waits for the prefetch; 0: runs alongside
+    # 1: SSH compression (zlib) on the node's connection (root reads, tunnel): the root's
+    # blocks cross a slow link about 3x smaller (walt_vpn.compression=)
+    ssh_compression: int = 1
+    # The root's FUSE connection: requests in flight (the kernel's default, 12, caps a
+    # 200 ms path at about 4 MB/s), and its files' readahead (KiB) while the prefetch runs
+    fuse_background: int = 64
+    fuse_readahead_kb: int = 1024
     fw_cfg_name: str = "opt/fwbuild/bootconf"               # QEMU fw_cfg file of the config
     # root without WALT_VPN_ROOT: "" = the root the SSH gate gives the node's certificate
     # (no site path in the EEPROM); or a path, {mac12}/{mac} = the node's Ethernet MAC
@@ -61,8 +68,9 @@ class InitSettings:
             elif not isinstance(value, str):
                 raise BuildError(f"init setting {item.name} must be a string",
                                  f"initramfs.variables.{item.name}")
-        if self.prefetch_wait not in (0, 1):
-            raise BuildError("init setting prefetch_wait must be 0 or 1", "initramfs.variables.prefetch_wait")
+        for name in ("prefetch_wait", "ssh_compression"):
+            if getattr(self, name) not in (0, 1):
+                raise BuildError(f"init setting {name} must be 0 or 1", f"initramfs.variables.{name}")
         if not _FW_CFG_NAME_RE.fullmatch(self.fw_cfg_name):
             raise BuildError("fw_cfg name has unexpected characters", "initramfs.variables.fw_cfg_name",
                              "use letters, digits and _ . / -")
@@ -100,7 +108,8 @@ class InitSettings:
         return asdict(self)
 
 
-_MINIMUM = {"retries": 1, "eeprom_retries": 1, "prefetch_streams": 1}
+_MINIMUM = {"retries": 1, "eeprom_retries": 1, "prefetch_streams": 1, "fuse_background": 1,
+            "fuse_readahead_kb": 4}
 
 
 def config_text(settings: InitSettings, *, modules: Sequence[str] = (),

@@ -67,6 +67,7 @@ parse_cmdline() {
             walt_vpn.flash_pause=*) VPN_EEPROM_PAUSE=${word#*=}; export VPN_EEPROM_PAUSE ;;
             walt_vpn.prefetch_streams=*) PREFETCH_STREAMS=${word#*=} ;;
             walt_vpn.prefetch_wait=*) PREFETCH_WAIT=${word#*=} ;;
+            walt_vpn.compression=*) SSH_COMPRESSION=${word#*=} ;;
         esac
     done
 }
@@ -75,7 +76,7 @@ parse_cmdline() {
 # Required: WALT_VPN_MAC, WALT_VPN_ENTRYPOINT, WALT_VPN_CREDS (what WalT's own client
 # writes). Optional, with defaults: WALT_VPN_BOOT_MODE (enforced), WALT_VPN_USER (walt-vpn),
 # WALT_VPN_ROOT (default: the root the SSH gate gives this node's certificate, found by
-# mount_root with no site path; a non-empty VPN_ROOT_DEFAULT from the init's settings,
+# attach_root with no site path; a non-empty VPN_ROOT_DEFAULT from the init's settings,
 # fwbuild-init.conf, with {mac12}/{mac} = this node's Ethernet MAC, replaces it). The mode
 # is read first, so a missing key in permissive mode falls back like any permissive failure.
 

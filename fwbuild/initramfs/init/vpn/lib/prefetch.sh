@@ -6,7 +6,8 @@
 # ascending order (one dd process per range: few ranges matter on a slow CPU). After a
 # check (format; the image's size and first 64 KiB), $PREFETCH_STREAMS streams read
 # them, one large read per piece, from the mini-root (so they could outlive
-# switch_root), filling the page cache the loop device reads from.
+# switch_root), filling the page cache the loop device reads from. They start as soon as
+# the root's directory is mounted (the tunnel comes up meanwhile).
 # The boot waits for them (walt_vpn.prefetch_wait=0: runs alongside; on the one-vCPU
 # virtual node at 200 ms / 20 Mbit/s 75.3 s against 78.8 s waiting, one pair side by
 # side: no clear gain, so not the default). A missing set, or one that is unreadable, malformed or not
@@ -81,17 +82,29 @@ prefetch_start() {
     # shellcheck disable=SC2086  # split "ok RANGES BLOCKS" into the positional parameters
     set -- $why
     say "prefetch: $2 ranges, $(( $3 / 256 )) MiB of the root"
+    # While the streams run, the root's FUSE files read ahead FUSE_READAHEAD_KB (one large
+    # read per piece in flight); vpn-prefetch puts the kernel's value back when done, so
+    # the boot's own reads do not fetch more than they did when the set was recorded.
+    ra=${FUSE_BDI:-/nonexistent}/read_ahead_kb
+    ra_old=$(cat "$ra" 2>/dev/null) && echo "$FUSE_READAHEAD_KB" > "$ra" 2>/dev/null || ra=
     if [ -n "$PREFETCH_JAIL" ]; then
         set -- chroot "$PREFETCH_JAIL" /bin/busybox sh /bin/vpn-prefetch \
-            "${img#"$PREFETCH_JAIL"}" "${PREFETCH_TMP#"$PREFETCH_JAIL"}" "$PREFETCH_LOG"
+            "${img#"$PREFETCH_JAIL"}" "${PREFETCH_TMP#"$PREFETCH_JAIL"}" "$PREFETCH_LOG" ${ra:+"$ra"} ${ra:+"$ra_old"}
     else
-        set -- /bin/busybox sh "$FWBUILD_INIT_ROOT/bin/vpn-prefetch" "$img" "$PREFETCH_TMP" "$PREFETCH_LOG"
+        set -- /bin/busybox sh "$FWBUILD_INIT_ROOT/bin/vpn-prefetch" "$img" "$PREFETCH_TMP" "$PREFETCH_LOG" \
+            ${ra:+"$ra"} ${ra:+"$ra_old"}
     fi
-    # walt_vpn.prefetch_wait=1 (default): the boot goes on once the set is in; 0: in parallel.
+    # The streams run in the background from here; prefetch_join waits for them when
+    # walt_vpn.prefetch_wait=1 (default); with 0 the boot goes on alongside them.
+    "$@" </dev/null >/dev/null 2>&1 &
+    PREFETCH_PID=$!
+}
+
+# prefetch_join: the boot waits for the streams (PREFETCH_WAIT=1) before mounting the image.
+prefetch_join() {
     # shellcheck disable=SC2153  # PREFETCH_WAIT is a setting (fwbuild-init.conf), not a typo
-    if [ "$PREFETCH_WAIT" = 1 ]; then
-        "$@" </dev/null >/dev/null 2>&1
-    else
-        "$@" </dev/null >/dev/null 2>&1 &
+    if [ "$PREFETCH_WAIT" = 1 ] && [ -n "${PREFETCH_PID:-}" ]; then
+        wait "$PREFETCH_PID"
     fi
+    PREFETCH_PID=
 }
