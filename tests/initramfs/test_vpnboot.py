@@ -346,6 +346,10 @@ def test_connection_is_compressed_unless_switched_off(tmp_path: Path, session_ke
     assert result.returncode == 0, result.stderr
     assert "Compression" not in (off / "vpn" / "etc" / "ssh" / "ssh_config").read_text()
     assert "  Compression yes\n" in config.read_text()
+    # On walt-net (DHCP domain walt) the master connection turns it off; elsewhere not.
+    for domain, expected in (("walt", True), ("example.org", False), ("", False)):
+        result = run_init_functions(off, f'CTL=/x; WANT_TUNNEL=1; DOMAIN={domain}; ssh_master_args')
+        assert ("-o Compression=no" in result.stdout) is expected, (domain, result.stdout)
 
 
 @pytest.mark.slow

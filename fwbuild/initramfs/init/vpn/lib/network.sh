@@ -88,7 +88,8 @@ write_ssh_config() {
         echo "  ControlPath $CTL"
         echo "  LogLevel ERROR"
         # zlib on the connection (SSH_COMPRESSION, fwbuild-init.conf): an ext4 root's blocks
-        # compress about 3:1, which is what a slow path needs (measured at 200 ms, 20 Mbit/s).
+        # compress about 3:1, which is what a slow path needs (measured at 200 ms, 20 Mbit/s);
+        # ssh_master_args turns it off on walt-net.
         [ "$SSH_COMPRESSION" != 1 ] || echo "  Compression yes"
     } > "$VPN/etc/ssh/ssh_config"
 }
@@ -140,9 +141,12 @@ describe_ssh_error() {
 
 # The SSH master connection, authenticated once, shared by the tunnel and sshfs.
 # `-f` returns only after authentication; a refused tunnel does not stop it.
+# On walt-net (DHCP domain walt) the entrypoint is on the node's LAN: no compression there
+# (ssh_config asks for it on every other path).
 ssh_master_args() {
     tunnel_args=
     [ "$WANT_TUNNEL" = 1 ] && tunnel_args="-o Tunnel=ethernet -w any:any"
+    [ "${DOMAIN:-}" = walt ] && tunnel_args="$tunnel_args -o Compression=no"
     echo "-M -S $CTL -o ControlPersist=no -o ExitOnForwardFailure=no $tunnel_args -f -N walt-vpn-entrypoint"
 }
 
