@@ -33,7 +33,7 @@ from .init import init_files
 from .init.settings import InitSettings
 from .modules import ModuleSelection, kernel_image, select_modules
 from .staging import StagedTree
-from .stub import build_stub
+from .stub import STUBBABLE, build_stub
 from .tree import Bytes, Device, Dir, HostFile, Symlink, Tree, normalize_dest
 
 BASE_DIRS = ("bin", "dev", "etc", "mnt", "proc", "root", "run", "sbin", "sys", "tmp",
@@ -261,6 +261,10 @@ def build_initramfs(spec: InitramfsSpec, cache: Cache, progress: Progress | None
     if spec.compression not in COMPRESSIONS:
         raise BuildError(f"unknown compression {spec.compression!r}", "initramfs.compression",
                          f"use one of {', '.join(COMPRESSIONS)}")
+    for soname in spec.stub_libraries:
+        if soname not in STUBBABLE:
+            raise BuildError(f"no stub is known for {soname!r}", "initramfs.stub_libraries",
+                             f"stubs exist for {', '.join(STUBBABLE)}")
     session = AptSession(cache, spec.repositories, offline=offline)
     staged, pins = stage_packages(session, cache, spec.packages, progress)
     chains = dependency_chains(pins, spec.packages)

@@ -143,6 +143,19 @@ def test_recipe_switch_is_validated(tmp_path: Path) -> None:
     assert spec_from_recipe(off, epoch=0).stub_libraries == ()
 
 
+def test_stub_option_is_checked_before_any_download(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from fwbuild.cli import main
+
+    result = CliRunner().invoke(main, ["initramfs", "build", "--stub-library", "libcrypto.so.3",
+                                       "--out", str(tmp_path / "i")])
+    assert result.exit_code == 1, result.output
+    assert "no stub is known for 'libcrypto.so.3' (initramfs.stub_libraries)" in result.output
+    assert "Hint: stubs exist for libgssapi_krb5.so.2" in result.output
+    assert not (tmp_path / "i").exists()
+
+
 # --- the real initramfs (Debian arm64 packages; slow) ---------------------------------------
 
 def _files(result: InitramfsResult) -> dict[str, CpioEntry]:
