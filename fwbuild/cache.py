@@ -18,6 +18,8 @@ never join names onto `root` themselves:
   apt/<16 hex>/resolved/<32 hex>.json
                                    resolution memo: packages + signed lists -> pins (`resolved_memo`)
   rootfs/<32 hex>/                 a built Debian root image and its record (`rootfs_dir`)
+  stubs/<64 hex>.so                a compiled stub library, keyed by its source, flags and
+                                   compiler version (`stub_memo`, fwbuild/initramfs/stub.py)
 
 Blobs enter `sha256/` only after their digest matched: a wrong or partial download never
 does. Every memo is checked when read; a damaged entry is a miss and is rebuilt.
@@ -34,7 +36,7 @@ from typing import Literal, get_args
 
 from .errors import SourceError
 
-Area = Literal["sha256", "tmp", "steps", "compressed", "staged", "apt", "rootfs"]
+Area = Literal["sha256", "tmp", "steps", "compressed", "staged", "apt", "rootfs", "stubs"]
 AREAS: tuple[Area, ...] = get_args(Area)
 
 
@@ -127,6 +129,10 @@ class Cache:
     def resolved_memo(self, apt_dir: Path, key: str) -> Path:
         """The resolution memo `key` (packages + lists digest) of the apt session at `apt_dir`."""
         return apt_dir / "resolved" / f"{key[:32]}.json"
+
+    def stub_memo(self, key: str) -> Path:
+        """The compiled stub library whose inputs digest to `key` (64 hex)."""
+        return self.area("stubs") / f"{key}.so"
 
     def rootfs_dir(self, key: str) -> Path:
         """The Debian root image built for `key` (spec + pins)."""

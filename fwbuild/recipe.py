@@ -98,6 +98,9 @@ class Initramfs:
     compression: str = setting("zstd", choices=COMPRESSIONS, option=Option("--compression", "Default: zstd."))
     files: Mapping[str, str] = setting(factory=dict, option=Option(
         "--file", "Extra file (repeatable).", metavar="DEST=HOSTPATH"))
+    stub_libraries: tuple[str, ...] = setting((), option=Option(
+        "--stub-library", "Library (soname) replaced by a generated stub whose calls all fail, e.g. "
+        "libgssapi_krb5.so.2 (repeatable)."))
     variables: Mapping[str, str] = field(default_factory=dict)
 
 
@@ -204,6 +207,12 @@ def _check(recipe: Recipe) -> None:
             InitSettings.from_variables(recipe.initramfs.variables)
         except BuildError as exc:
             raise ConfigError(exc.what, exc.where, exc.hint) from None
+    for i, soname in enumerate(recipe.initramfs.stub_libraries):
+        from .initramfs.stub import STUBBABLE
+
+        if soname not in STUBBABLE:
+            raise ConfigError(f"no stub is known for {soname!r}", f"initramfs.stub_libraries[{i}]",
+                              near_miss(soname, STUBBABLE) or f"stubs exist for {', '.join(STUBBABLE)}")
     for dest in recipe.initramfs.files:
         if not dest.startswith("/") or ".." in dest.split("/"):
             raise ConfigError(f"invalid destination {dest!r}", f"initramfs.files.{dest}",

@@ -28,11 +28,12 @@ from ..recipe import AptRepository, Recipe, resolve_path, resolved_repositories
 from .apt import AptSession, PinnedPackage, dependency_chains
 from .cpio import COMPRESSIONS, GZIP_LEVEL, XZ_LEVEL, ZSTD_LEVEL, compress, decompress, write_cpio
 from .deb import DebContents, stage_deb
-from .elf import resolve_elf_closure
+from .elf import StubNeed, resolve_elf_closure
 from .init import init_files
 from .init.settings import InitSettings
 from .modules import ModuleSelection, kernel_image, select_modules
 from .staging import StagedTree
+from .stub import STUBBABLE, build_stub
 from .tree import Bytes, Device, Dir, HostFile, Symlink, Tree, normalize_dest
 
 BASE_DIRS = ("bin", "dev", "etc", "mnt", "proc", "root", "run", "sbin", "sys", "tmp",
@@ -66,6 +67,7 @@ class InitramfsSpec:
     epoch: int = 0
     repositories: tuple[AptRepository, ...] = ()
     base_files: bool = True
+    stub_libraries: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,7 @@ class InitramfsResult:
     provenance: Mapping[str, list[str]]      # "/path" -> reason chain
     kernel_version: str = ""
     builtin_modules: tuple[str, ...] = ()
+    stubs: tuple[Mapping[str, Any], ...] = ()   # StubLibrary.as_record() of each stub
 
     def provenance_document(self) -> dict[str, Any]:
         """The sidecar `<initramfs>.provenance.json` (what `fwbuild initramfs why` reads)."""
@@ -94,6 +97,7 @@ class InitramfsResult:
             "packages": [p.as_record() for p in self.packages],
             "kernel_version": self.kernel_version,
             "builtin_modules": list(self.builtin_modules),
+            "stubs": [dict(stub) for stub in self.stubs],
             "paths": dict(self.provenance),
         }
 
@@ -195,7 +199,8 @@ def _package_reason(pin_chain: tuple[str, ...]) -> str:
 
 
 def _add_paths(tree: Tree, staged: StagedTree, spec: InitramfsSpec,
-               chains: Mapping[str, tuple[str, ...]]) -> None:
+               chains: Mapping[str, tuple[str, ...]], cache: Cache) -> list[dict[str, Any]]:
+    """Add the requested paths with their ELF closure (and the stubs); return the stub records."""
     roots: list[tuple[str, tuple[str, ...]]] = []
     for path in spec.paths:
         try:
@@ -212,7 +217,9 @@ def _add_paths(tree: Tree, staged: StagedTree, spec: InitramfsSpec,
                     roots.append((sub, (f"below {path} (requested)",)))
         else:
             roots.append((path, (f"{path} (requested)",)))
-    closure = resolve_elf_closure(staged, roots)
+    closure = resolve_elf_closure(staged, roots, spec.stub_libraries)
+    stubs = [_add_stub(tree, staged, closure.stubbed, soname, chains, cache)
+             for soname in spec.stub_libraries]
     for path in sorted(closure.reasons):
         node = staged.nodes[path]
         package = _package_reason(chains.get(node.package, (node.package,)))
@@ -223,6 +230,29 @@ def _add_paths(tree: Tree, staged: StagedTree, spec: InitramfsSpec,
             real_node = staged.lookup(path)
             assert real_node is not None
             tree.add(path, HostFile(staged.host_path(path), real_node.mode), reason)
+    return stubs
+
+
+def _add_stub(tree: Tree, staged: StagedTree, stubbed: Mapping[str, StubNeed], soname: str,
+              chains: Mapping[str, tuple[str, ...]], cache: Cache) -> dict[str, Any]:
+    need = stubbed.get(soname)
+    if need is None:
+        raise BuildError(f"stub library {soname} is needed by none of the staged binaries",
+                         "initramfs.stub_libraries",
+                         "remove it from the list (`fwbuild initramfs why` shows who needs a library)")
+    importers = {f"/{path}": staged.host_path(path) for path in need.importers}
+    stub = build_stub(soname, importers, staged.host_path(need.real) if need.real else None, cache)
+    package = ""
+    if need.real:
+        owner = staged.owner(need.real)
+        package = _package_reason(chains.get(owner, (owner,)))
+    first = min(need.importers)
+    replaced = f"/{need.real}" if need.real else "(not staged)"
+    tree.add(need.dest, Bytes(stub.data, 0o644),
+             ((f"stub of {soname} replacing {replaced} ({package or 'no package'}): "
+               f"{len(stub.symbols)} symbols, every call returns GSS_S_UNAVAILABLE"),
+              *need.importers[first]))
+    return stub.as_record(replaced, package)
 
 
 def build_initramfs(spec: InitramfsSpec, cache: Cache, progress: Progress | None = None, *,
@@ -231,6 +261,10 @@ def build_initramfs(spec: InitramfsSpec, cache: Cache, progress: Progress | None
     if spec.compression not in COMPRESSIONS:
         raise BuildError(f"unknown compression {spec.compression!r}", "initramfs.compression",
                          f"use one of {', '.join(COMPRESSIONS)}")
+    for soname in spec.stub_libraries:
+        if soname not in STUBBABLE:
+            raise BuildError(f"no stub is known for {soname!r}", "initramfs.stub_libraries",
+                             f"stubs exist for {', '.join(STUBBABLE)}")
     session = AptSession(cache, spec.repositories, offline=offline)
     staged, pins = stage_packages(session, cache, spec.packages, progress)
     chains = dependency_chains(pins, spec.packages)
@@ -243,7 +277,7 @@ def build_initramfs(spec: InitramfsSpec, cache: Cache, progress: Progress | None
         for dest, content in BASE_FILES.items():
             if dest not in {f.strip("/") for f in spec.files}:
                 tree.add(dest, Bytes(content), ("base files (ssh needs a passwd entry)",))
-    _add_paths(tree, staged, spec, chains)
+    stubs = _add_paths(tree, staged, spec, chains, cache)
     modules: ModuleSelection | None = None
     kernel_pins: tuple[PinnedPackage, ...] = ()
     if spec.modules:
@@ -276,6 +310,7 @@ def build_initramfs(spec: InitramfsSpec, cache: Cache, progress: Progress | None
         provenance=tree.provenance(),
         kernel_version=modules.kernel_version if modules else "",
         builtin_modules=tuple(modules.builtin) if modules else (),
+        stubs=tuple(stubs),
     )
 
 
@@ -321,6 +356,7 @@ def spec_from_recipe(recipe: Recipe, *, epoch: int,
         compression=section.compression,
         epoch=epoch,
         repositories=repositories,
+        stub_libraries=section.stub_libraries,
     )
 
 

@@ -56,6 +56,20 @@ class ElfClosure:
     reasons: dict[str, tuple[str, ...]] = field(default_factory=dict)
     needed: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
     symlinks: dict[str, str] = field(default_factory=dict)  # link path -> target as stored
+    stubbed: dict[str, StubNeed] = field(default_factory=dict)  # soname -> where and who needs it
+
+
+@dataclass
+class StubNeed:
+    """A library left out of the closure because a stub replaces it (fwbuild/initramfs/stub.py).
+
+    `dest`: where the stub goes (the real library's directory + soname); `real`: the
+    replaced file ("" when no staged package ships it); `importers`: real path -> reason.
+    """
+
+    dest: str
+    real: str
+    importers: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 def _interp(segment: object) -> str:
@@ -120,8 +134,9 @@ def search_dirs(info: ElfInfo, real_path: str) -> list[str]:
 
 
 class _Resolver:
-    def __init__(self, tree: StagedTree) -> None:
+    def __init__(self, tree: StagedTree, stubs: Sequence[str] = ()) -> None:
         self.tree = tree
+        self.stubs = frozenset(stubs)
         self.infos: dict[str, ElfInfo | None] = {}
         self.closure = ElfClosure()
 
@@ -168,6 +183,18 @@ class _Resolver:
             "tried: " + ", ".join(candidates)
             + "; add the package that ships it to the initramfs package list")
 
+    def stub(self, name: str, obj: str, info: ElfInfo, chain: tuple[str, ...]) -> None:
+        """Record that `obj` needs the stubbed library `name` (the real one is not walked)."""
+        if name not in self.closure.stubbed:
+            try:
+                _, real = self.find(name, obj, info)
+                dest = posixpath.join(posixpath.dirname(real), name)
+            except BuildError:
+                real, dest = "", posixpath.join(DEFAULT_LIBRARY_DIRS[1].strip("/"), name)
+            self.closure.stubbed[name] = StubNeed(dest, real)
+        self.closure.needed[obj].append((name, self.closure.stubbed[name].dest))
+        self.closure.stubbed[name].importers.setdefault(obj, chain)
+
     def walk(self, root: str, reason: tuple[str, ...]) -> None:
         try:
             real = self.include(root, reason)
@@ -188,6 +215,9 @@ class _Resolver:
             if info.interp:
                 deps.append(info.interp)
             for name in info.needed:
+                if name in self.stubs:
+                    self.stub(name, obj, info, chain)
+                    continue
                 found, lib_real = self.find(name, obj, info)
                 self.closure.needed[obj].append((name, lib_real))
                 deps.append(found)
@@ -200,9 +230,13 @@ class _Resolver:
                 queue.append((dep_real, self.closure.reasons[dep_real]))
 
 
-def resolve_elf_closure(tree: StagedTree, roots: Sequence[tuple[str, tuple[str, ...]]]) -> ElfClosure:
-    """Closure of `roots` ((path, reason chain) pairs) inside `tree`."""
-    resolver = _Resolver(tree)
+def resolve_elf_closure(tree: StagedTree, roots: Sequence[tuple[str, tuple[str, ...]]],
+                        stubs: Sequence[str] = ()) -> ElfClosure:
+    """Closure of `roots` ((path, reason chain) pairs) inside `tree`.
+
+    A library named in `stubs` is not followed: `closure.stubbed` says who needs it.
+    """
+    resolver = _Resolver(tree, stubs)
     for path, reason in roots:
         resolver.walk(path, reason)
     return resolver.closure

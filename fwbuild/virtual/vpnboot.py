@@ -67,7 +67,7 @@ def vpn_initramfs_spec(kernel_package: str, *, modules: Sequence[str] = VIRTUAL_
 
     return InitramfsSpec(
         packages=VPN_PACKAGES, paths=VPN_PATHS, kernel_package=kernel_package,
-        modules=tuple(modules), init="builtin:vpn",
+        modules=tuple(modules), init="builtin:vpn", stub_libraries=("libgssapi_krb5.so.2",),
         variables=(settings or InitSettings()).variables(), compression=compression, epoch=epoch)
 
 

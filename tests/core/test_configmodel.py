@@ -127,7 +127,7 @@ def test_initramfs_build_options_are_the_field_table() -> None:
 
     rows = option_settings()
     assert [row.name for row in rows] == ["packages", "binaries", "modules", "kernel_package",
-                                          "init", "compression", "files"]
+                                          "init", "compression", "files", "stub_libraries"]
     assert all(isinstance(row.option, Option) for row in rows)
     assert {row.name for row in settings(Initramfs)} - {row.name for row in rows} == {"variables"}
     initramfs = main.commands["initramfs"]
