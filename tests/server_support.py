@@ -16,6 +16,7 @@ import shutil
 import socket
 import sqlite3
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -263,9 +264,10 @@ def node_ssh(files: dict[str, Path], port: int) -> subprocess.CompletedProcess[s
 
 
 def write_ca_sshd_config(directory: Path, *, port: int, hostkey: Path, ca_pub: Path,
-                         revoked_keys: Path) -> Path:
+                         revoked_keys: Path, extra: str = "") -> Path:
     """An sshd_config (in `directory`) that lets in `root` with a certificate of the CA `ca_pub`
-    for principal walt-vpn, refusing the keys in `revoked_keys`: how a site's sshd trusts nodes."""
+    for principal walt-vpn, refusing the keys in `revoked_keys`: how a site's sshd trusts nodes.
+    `extra`: more sshd_config lines."""
     principals = directory / "principals"
     principals.mkdir()
     (principals / "root").write_text("walt-vpn\n")
@@ -285,5 +287,18 @@ TrustedUserCAKeys {ca_pub}
 AuthorizedPrincipalsFile {principals}/%u
 RevokedKeys {revoked_keys}
 LogLevel VERBOSE
-""")
+{extra}""")
     return sshd_config
+
+
+def wait_listening(port: int, proc: subprocess.Popen[Any], what: str, timeout: float = 60) -> None:
+    """Wait until 127.0.0.1:`port` accepts a connection; fail if `proc` (`what`) exits first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
+            return
+        except OSError:
+            assert proc.poll() is None, f"{what} exited before listening"
+            assert time.monotonic() < deadline, f"{what} never listened"
+            time.sleep(0.2)

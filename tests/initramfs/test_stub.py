@@ -12,7 +12,6 @@ import shutil
 import socket
 import stat
 import subprocess
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from fwbuild.initramfs.builder import (
 from fwbuild.initramfs.cpio import CpioEntry, decompress, read_cpio
 from fwbuild.initramfs.stub import build_stub, imported_symbols
 from fwbuild.recipe import load_recipe
+from tests.server_support import wait_listening, write_ca_sshd_config
 
 ROOT = Path(__file__).resolve().parents[2]
 SONAME = "libgssapi_krb5.so.2"
@@ -253,36 +253,16 @@ def test_arm64_ssh_with_the_stub_falls_back_from_gssapi_to_the_certificate(
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(keys / name)], check=True)
     subprocess.run(["ssh-keygen", "-q", "-s", str(keys / "ca"), "-I", "node", "-n", "walt-vpn",
                     str(keys / "node.pub")], check=True)
-    (keys / "principals").write_text("walt-vpn\n")
     port = _free_port()
     (keys / "known_hosts").write_text(f"[127.0.0.1]:{port} {(keys / 'host.pub').read_text()}")
-    config = keys / "sshd_config"
-    config.write_text(f"""Port {port}
-ListenAddress 127.0.0.1
-HostKey {keys / 'host'}
-PidFile none
-UsePAM no
-StrictModes no
-PermitRootLogin prohibit-password
-PasswordAuthentication no
-KbdInteractiveAuthentication no
-GSSAPIAuthentication yes
-AuthorizedKeysFile none
-TrustedUserCAKeys {keys / 'ca.pub'}
-AuthorizedPrincipalsFile {keys / 'principals'}
-""")
+    (keys / "revoked").write_text("")
+    config = write_ca_sshd_config(keys, port=port, hostkey=keys / "host", ca_pub=keys / "ca.pub",
+                                  revoked_keys=keys / "revoked", extra="GSSAPIAuthentication yes\n")
     Path("/run/sshd").mkdir(exist_ok=True)
     sshd = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(config)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=5).close()
-                break
-            except OSError:
-                assert sshd.poll() is None and time.monotonic() < deadline, "sshd did not start"
-                time.sleep(0.2)
+        wait_listening(port, sshd, "sshd")
         result = subprocess.run(
             ["qemu-aarch64", "-L", str(root), str(root / "usr/bin/ssh"), "-v", "-F", "/dev/null",
              "-i", str(keys / "node"), "-o", f"CertificateFile={keys / 'node-cert.pub'}",

@@ -15,7 +15,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ from tests.server_support import (
     make_artifacts,
     node_ip,
     request,
+    wait_listening,
     write_node_addresses,
 )
 
@@ -203,15 +203,7 @@ def _through_forward(config: Path, flag: str, spec: str, connect: object) -> byt
     proc = subprocess.Popen(["ssh", "-F", str(config), "-N", flag, spec, "node"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=5).close()
-                break
-            except OSError:
-                assert proc.poll() is None, "ssh exited before listening"
-                assert time.monotonic() < deadline, "ssh never listened"
-                time.sleep(0.2)
+        wait_listening(port, proc, "ssh")
         assert callable(connect)
         data: bytes = connect(port)
         return data
