@@ -19,13 +19,28 @@ PREFETCH_LOG=${PREFETCH_LOG:-/dev/console}
 prefetch_image() {
     img=$1
     wsf=$img.prefetch
-    if [ ! -e "$wsf" ]; then
+    mkdir -p "$PREFETCH_TMP"
+    # The set, the image's first 64 KiB and its size are read side by side: each costs
+    # round trips, which a distant path makes long.
+    cat "$wsf" > "$PREFETCH_TMP/set" 2>/dev/null &
+    set_pid=$!
+    (dd if="$img" bs=65536 count=1 2>/dev/null | sha256sum | cut -d' ' -f1 > "$PREFETCH_TMP/probe") &
+    probe_pid=$!
+    size=$(stat -c %s "$img" 2>/dev/null)
+    wait "$probe_pid"
+    probe=$(cat "$PREFETCH_TMP/probe")
+    if wait "$set_pid"; then
+        why=$(prefetch_plan "$PREFETCH_TMP/set" "$size" "$probe")
+    elif [ -e "$wsf" ]; then
+        why="bad unreadable or empty"
+    else
+        why=
+    fi
+    rm -f "$PREFETCH_TMP/set" "$PREFETCH_TMP/probe"
+    if [ -z "$why" ]; then
         say "prefetch: no working set for this root: normal boot"
         return 0
     fi
-    size=$(stat -c %s "$img" 2>/dev/null)
-    probe=$(dd if="$img" bs=65536 count=1 2>/dev/null | sha256sum | cut -d' ' -f1)
-    why=$(prefetch_plan "$wsf" "$size" "$probe")
     prefetch_start "$img" "$why"
 }
 
