@@ -19,6 +19,10 @@ PREFETCH_LOG=${PREFETCH_LOG:-/dev/console}
 prefetch_image() {
     img=$1
     wsf=$img.prefetch
+    if [ ! -e "$wsf" ]; then
+        say "prefetch: no working set for this root: normal boot"
+        return 0
+    fi
     mkdir -p "$PREFETCH_TMP"
     # The set, the image's first 64 KiB and its size are read side by side: each costs
     # round trips, which a distant path makes long.
@@ -31,16 +35,10 @@ prefetch_image() {
     probe=$(cat "$PREFETCH_TMP/probe")
     if wait "$set_pid"; then
         why=$(prefetch_plan "$PREFETCH_TMP/set" "$size" "$probe")
-    elif [ -e "$wsf" ]; then
-        why="bad unreadable or empty"
     else
-        why=
+        why="bad unreadable or empty"
     fi
     rm -f "$PREFETCH_TMP/set" "$PREFETCH_TMP/probe"
-    if [ -z "$why" ]; then
-        say "prefetch: no working set for this root: normal boot"
-        return 0
-    fi
     prefetch_start "$img" "$why"
 }
 
